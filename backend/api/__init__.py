@@ -1,0 +1,1 @@
+"""HTTP API handlers, one module per audience: operator, site integration, widget."""

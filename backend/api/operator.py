@@ -1,0 +1,57 @@
+"""Operator (admin panel) endpoints: the operator's dialogs, their history, replies, typing."""
+
+from __future__ import annotations
+
+from backend import store
+from backend.api.base import ApiError, ApiHandler, parse_id
+from backend.models import Dialog
+
+MAX_PAGE = 1000
+
+
+class OperatorHandler(ApiHandler):
+    async def own_dialog(self, raw_id: str) -> Dialog:
+        user_id = self.operator_id()
+        dialog_id = parse_id(raw_id)
+        async with self.db.session() as session:
+            dialog = await store.operator_dialog(session, user_id, dialog_id)
+        if dialog is None:
+            raise ApiError(404, "dialog not found")
+        return dialog
+
+
+class DialogsHandler(OperatorHandler):
+    async def get(self) -> None:
+        user_id = self.operator_id()
+        async with self.db.session() as session:
+            dialogs = await store.operator_dialogs(session, user_id)
+        self.write_json({"dialogs": dialogs})
+
+
+class MessagesHandler(OperatorHandler):
+    async def get(self, raw_id: str) -> None:
+        dialog = await self.own_dialog(raw_id)
+        since = self.query_int("since", 0)
+        limit = self.query_int("limit", 500, minimum=1, maximum=MAX_PAGE)
+        async with self.db.session() as session:
+            rendered = await store.messages_since(session, dialog.id, since, limit)
+        body = b'{"dialog_id":%d,"messages":[%s]}' % (
+            dialog.id, ",".join(rendered).encode()
+        )
+        self.finish(body)
+
+    async def post(self, raw_id: str) -> None:
+        dialog = await self.own_dialog(raw_id)
+        text = self.message_text(self.json_body())
+        async with self.db.session() as session:
+            rendered = await store.add_message(session, dialog.id, "operator", text)
+        self.write_json_text(rendered, 201)
+
+
+class TypingHandler(OperatorHandler):
+    async def post(self, raw_id: str) -> None:
+        dialog = await self.own_dialog(raw_id)
+        async with self.db.session() as session:
+            await store.notify_typing(session, dialog.id, "operator")
+        self.set_status(204)
+        self.finish()

@@ -1,0 +1,64 @@
+"""The backend application, as gunicorn loads it: ``backend.app:make_app()``.
+
+gunicorn's tornado worker imports this in each worker after the fork, so the
+engine (and its pool) belongs to one worker's event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tornado.web
+
+from backend.api import auth, operator, site, widget
+from backend.api.base import NotFoundHandler
+from backend.api.health import HealthHandler
+from backend.db import Database
+from replyx import logs, schema
+from replyx.config import Settings
+from replyx.pg import redact_url, resolve_database_url
+
+log = logging.getLogger("backend")
+
+ID = r"([^/]+)"
+
+
+def make_app(
+    settings: Settings | None = None, *, database_url: str | None = None
+) -> tornado.web.Application:
+    """Build the API; refuses to start unless the schema is at the newest migration."""
+    settings = settings or Settings.from_environ()
+    logs.setup_logging(settings.log_level)
+    url = database_url or resolve_database_url(settings.database_url, settings.data_dir)
+    schema.ensure_at_head(schema.current_revision(url))
+    log.info("backend worker ready, database %s", redact_url(url))
+    return build_application(settings, Database(url), settings.jwt_secret())
+
+
+def build_application(
+    settings: Settings, db: Database, jwt_secret: bytes
+) -> tornado.web.Application:
+    deps = {"db": db, "config": settings, "jwt_secret": jwt_secret}
+    routes = [
+        (r"/health", HealthHandler),
+        (r"/api/auth/login", auth.LoginHandler),
+        (r"/api/dialogs", operator.DialogsHandler),
+        (rf"/api/dialogs/{ID}/messages", operator.MessagesHandler),
+        (rf"/api/dialogs/{ID}/typing", operator.TypingHandler),
+        (r"/api/site/dialogs", site.SiteDialogsHandler),
+        (rf"/api/site/dialogs/{ID}/messages", site.SiteMessagesHandler),
+        (rf"/api/site/dialogs/{ID}/typing", site.SiteTypingHandler),
+        (r"/api/widget/dialogs", widget.WidgetDialogsHandler),
+        (rf"/api/widget/dialogs/{ID}/messages", widget.WidgetMessagesHandler),
+        (rf"/api/widget/dialogs/{ID}/typing", widget.WidgetTypingHandler),
+    ]
+    app = tornado.web.Application(
+        [(pattern, handler, deps) for pattern, handler in routes],
+        default_handler_class=NotFoundHandler,
+        default_handler_args=deps,
+        log_function=logs.log_request,
+        serve_traceback=False,
+        compress_response=False,
+    )
+    app.settings["replyx_db"] = db
+    return app

@@ -1,0 +1,188 @@
+"""Every query the backend and the CLI make, as small async functions over a session.
+
+Messages are rendered by the database function ``replyx_message_json`` so the
+HTTP API returns byte-for-byte the frame the gateway sends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+from sqlalchemy import exists, func, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.models import Assistant, Dialog, User
+from replyx import security
+from replyx.schema import CHANNEL
+
+SENDERS = ("visitor", "operator", "assistant", "system")
+
+
+class EmailTakenError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class NewAssistant:
+    assistant_id: int
+    site_token: str
+    domains: list[str]
+
+
+@dataclass(frozen=True)
+class NewDialog:
+    dialog_id: int
+    guest_token: str | None
+
+
+async def create_user(session: AsyncSession, email: str, password: str) -> int:
+    user = User(email=email.strip(), password_hash=security.hash_password(password))
+    session.add(user)
+    try:
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        raise EmailTakenError(email) from None
+    return user.id
+
+
+async def authenticate(session: AsyncSession, email: str, password: str) -> int | None:
+    """The user's id when the password matches; the same work is done for unknown emails."""
+    row = (
+        await session.execute(
+            select(User.id, User.password_hash).where(
+                func.lower(User.email) == func.lower(email.strip())
+            )
+        )
+    ).first()
+    stored = row.password_hash if row else None
+    if security.verify_password(password, stored) and row is not None:
+        return row.id
+    return None
+
+
+async def user_exists(session: AsyncSession, user_id: int) -> bool:
+    return bool(await session.scalar(select(exists().where(User.id == user_id))))
+
+
+async def create_assistant(
+    session: AsyncSession, user_id: int, name: str, domains: list[str]
+) -> NewAssistant:
+    site_token = security.new_site_token()
+    assistant = Assistant(
+        user_id=user_id,
+        name=name,
+        domains=domains,
+        site_token_hash=security.token_hash(site_token),
+    )
+    session.add(assistant)
+    await session.commit()
+    return NewAssistant(assistant.id, site_token, domains)
+
+
+async def assistant_by_id(session: AsyncSession, assistant_id: int) -> Assistant | None:
+    return await session.get(Assistant, assistant_id)
+
+
+async def assistant_by_site_token(session: AsyncSession, site_token: str) -> Assistant | None:
+    return await session.scalar(
+        select(Assistant).where(Assistant.site_token_hash == security.token_hash(site_token))
+    )
+
+
+async def dialog_by_guest_token(session: AsyncSession, guest_token: str) -> Dialog | None:
+    return await session.scalar(
+        select(Dialog).where(Dialog.guest_token_hash == security.token_hash(guest_token))
+    )
+
+
+async def operator_dialog(session: AsyncSession, user_id: int, dialog_id: int) -> Dialog | None:
+    """The dialog when it belongs to one of the operator's assistants, else ``None``."""
+    return await session.scalar(
+        select(Dialog)
+        .join(Assistant, Assistant.id == Dialog.assistant_id)
+        .where(Dialog.id == dialog_id, Assistant.user_id == user_id)
+    )
+
+
+async def assistant_dialog(
+    session: AsyncSession, assistant_id: int, dialog_id: int
+) -> Dialog | None:
+    return await session.scalar(
+        select(Dialog).where(Dialog.id == dialog_id, Dialog.assistant_id == assistant_id)
+    )
+
+
+async def operator_dialogs(session: AsyncSession, user_id: int, limit: int = 500) -> list[dict]:
+    rows = await session.execute(
+        select(Dialog.id, Dialog.assistant_id, Dialog.channel, Dialog.last_seq, Dialog.created_at)
+        .join(Assistant, Assistant.id == Dialog.assistant_id)
+        .where(Assistant.user_id == user_id)
+        .order_by(Dialog.id.desc())
+        .limit(limit)
+    )
+    return [
+        {
+            "id": row.id,
+            "assistant_id": row.assistant_id,
+            "channel": row.channel,
+            "last_seq": row.last_seq,
+            "created_at": row.created_at.isoformat(),
+        }
+        for row in rows
+    ]
+
+
+async def create_dialog(session: AsyncSession, assistant_id: int, channel: str) -> NewDialog:
+    guest_token = security.new_guest_token() if channel == "widget" else None
+    dialog = Dialog(
+        assistant_id=assistant_id,
+        channel=channel,
+        guest_token_hash=security.token_hash(guest_token) if guest_token else None,
+    )
+    session.add(dialog)
+    await session.commit()
+    return NewDialog(dialog.id, guest_token)
+
+
+async def add_message(session: AsyncSession, dialog_id: int, sender: str, body: str) -> str:
+    """Insert and commit one message; return it rendered as its frame (a JSON text).
+
+    The database assigns ``seq`` and sends the NOTIFY when this commits.
+    """
+    rendered = await session.scalar(
+        text(
+            "INSERT INTO messages (dialog_id, sender, text) VALUES (:dialog_id, :sender, :text)"
+            " RETURNING replyx_message_json(messages)"
+        ),
+        {"dialog_id": dialog_id, "sender": sender, "text": body},
+    )
+    await session.commit()
+    assert rendered is not None
+    return rendered
+
+
+async def messages_since(
+    session: AsyncSession, dialog_id: int, since: int, limit: int
+) -> list[str]:
+    """Rendered messages with ``seq > since``, oldest first."""
+    rows = await session.scalars(
+        text(
+            "SELECT replyx_message_json(m) FROM messages m"
+            " WHERE m.dialog_id = :dialog_id AND m.seq > :since ORDER BY m.seq LIMIT :limit"
+        ),
+        {"dialog_id": dialog_id, "since": since, "limit": limit},
+    )
+    return list(rows)
+
+
+async def notify_typing(session: AsyncSession, dialog_id: int, sender: str) -> None:
+    """An ephemeral event: sent through NOTIFY on commit, never stored."""
+    payload = orjson.dumps({"type": "typing", "dialog_id": dialog_id, "sender": sender})
+    await session.execute(
+        text("SELECT pg_notify(:channel, :payload)"),
+        {"channel": CHANNEL, "payload": payload.decode()},
+    )
+    await session.commit()

@@ -1,0 +1,280 @@
+"""``replyx``: the command line. JSON for scripts on stdout, logs on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import orjson
+
+from replyx import logs
+from replyx.config import ConfigError, Settings
+
+log = logging.getLogger("replyx")
+
+T = TypeVar("T")
+
+
+class CommandError(Exception):
+    """A failure the user can fix; printed as one line, exit code 1."""
+
+
+def emit(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value).decode() + "\n")
+    sys.stdout.flush()
+
+
+# An embedded server that a one-shot command had to start is stopped again when it ends,
+# so `replyx create-user …` leaves nothing running. `replyx run`, `dsn` and `psql` keep it.
+_started_embedded: list[Any] = []
+
+
+def database_url(settings: Settings, *, keep_running: bool = False) -> str:
+    if settings.database_url:
+        return settings.database_url
+    from replyx.pg import EmbeddedPostgres
+
+    embedded = EmbeddedPostgres(settings.data_dir)
+    was_running = embedded.is_running()
+    url = embedded.ensure_running()
+    if not was_running and not keep_running:
+        _started_embedded.append(embedded)
+    return url
+
+
+def with_session(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``work(session)`` on a short-lived engine against the schema at head."""
+    from backend.db import Database
+    from replyx import schema
+
+    url = database_url(settings)
+    schema.ensure_at_head(schema.current_revision(url))
+
+    async def main() -> T:
+        db = Database(url, pool_size=1, max_overflow=0)
+        try:
+            async with db.session() as session:
+                return await work(session)
+        finally:
+            await db.dispose()
+
+    return asyncio.run(main())
+
+
+# -- commands ------------------------------------------------------------------
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from replyx import schema
+
+    url = database_url(settings)
+    before = schema.current_revision(url)
+    schema.upgrade(url)
+    emit({"from": before, "to": schema.current_revision(url)})
+    return 0
+
+
+def cmd_create_user(settings: Settings, args: argparse.Namespace) -> int:
+    from backend import store
+
+    if "@" not in args.email or len(args.email) > 320:
+        raise CommandError(f"{args.email!r} is not an email address")
+    if len(args.password) < 8:
+        raise CommandError("the password must be at least 8 characters")
+    try:
+        user_id = with_session(
+            settings, lambda s: store.create_user(s, args.email, args.password)
+        )
+    except store.EmailTakenError:
+        raise CommandError(f"a user with email {args.email} already exists") from None
+    emit({"user_id": user_id})
+    return 0
+
+
+def cmd_create_assistant(settings: Settings, args: argparse.Namespace) -> int:
+    from backend import store
+    from replyx.origins import normalize_origin
+
+    domains: list[str] = []
+    for raw in args.domain:
+        origin = normalize_origin(raw, default_scheme="https")
+        if origin is None:
+            raise CommandError(f"--domain {raw!r} is not an origin (https://host[:port])")
+        if origin not in domains:
+            domains.append(origin)
+
+    async def work(session: Any) -> Any:
+        if not await store.user_exists(session, args.user_id):
+            raise CommandError(f"no user with id {args.user_id}")
+        return await store.create_assistant(session, args.user_id, args.name, domains)
+
+    created = with_session(settings, work)
+    emit(
+        {
+            "assistant_id": created.assistant_id,
+            "site_token": created.site_token,
+            "domains": created.domains,
+        }
+    )
+    return 0
+
+
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    from backend import store
+    from replyx import security
+
+    if not with_session(settings, lambda s: store.user_exists(s, args.user_id)):
+        raise CommandError(f"no user with id {args.user_id}")
+    ttl = args.ttl if args.ttl is not None else settings.jwt_ttl_seconds
+    print(security.issue_operator_token(args.user_id, settings.jwt_secret(), ttl))
+    return 0
+
+
+def cmd_dsn(settings: Settings, args: argparse.Namespace) -> int:
+    print(database_url(settings, keep_running=True))
+    return 0
+
+
+def cmd_psql(settings: Settings, args: argparse.Namespace) -> int:
+    from replyx.pg import libpq_url, psql_binary
+
+    url = libpq_url(database_url(settings, keep_running=True))
+    os.execv(psql_binary(), [psql_binary(), url, *args.psql_args])  # noqa: S606
+    return 0  # not reached
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from replyx import stack
+
+    return stack.run(settings, demo=not args.no_demo, nginx=not args.no_nginx)
+
+
+def cmd_ctl(settings: Settings, args: argparse.Namespace) -> int:
+    from replyx import stack
+
+    return stack.supervisorctl(settings, args.ctl_args)
+
+
+def cmd_stop_db(settings: Settings, args: argparse.Namespace) -> int:
+    from replyx.pg import EmbeddedPostgres
+
+    if settings.database_url:
+        raise CommandError("DATABASE_URL is set: the embedded server is not in use")
+    EmbeddedPostgres(settings.data_dir).stop()
+    return 0
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="replyx",
+        description="ReplyX realtime: chat events from Postgres NOTIFY to browser WebSockets.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="the whole stack in the foreground under supervisord")
+    p.add_argument("--no-demo", action="store_true", help="do not create the demo tenant")
+    p.add_argument("--no-nginx", action="store_true", help="do not start nginx")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("migrate", help="bring the schema to the newest migration")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("create-user", help='create an operator; prints {"user_id": N}')
+    p.add_argument("email")
+    p.add_argument("--password", required=True)
+    p.set_defaults(func=cmd_create_user)
+
+    p = sub.add_parser("create-assistant", help="create an assistant; prints its site token")
+    p.add_argument("--user-id", type=_positive_int, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument(
+        "--domain", action="append", default=[], metavar="ORIGIN",
+        help="an allowed widget origin, e.g. https://shop.example (repeatable)",
+    )
+    p.set_defaults(func=cmd_create_assistant)
+
+    p = sub.add_parser("token", help="print an operator JWT (for wscat / curl)")
+    p.add_argument("--user-id", type=_positive_int, required=True)
+    p.add_argument("--ttl", type=_positive_int, default=None, help="lifetime in seconds")
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("check", help="the architecture check: one pass/fail line per part")
+    p.set_defaults(func=lambda s, a: _lazy("replyx.check", "main")(s, a))
+    _lazy_args("replyx.check", p)
+
+    p = sub.add_parser("bench", help="the load and latency benchmark")
+    p.set_defaults(func=lambda s, a: _lazy("bench.run", "main")(s, a))
+    _lazy_args("bench.run", p)
+
+    p = sub.add_parser("dsn", help="print the database URL in use (starts the embedded server)")
+    p.set_defaults(func=cmd_dsn)
+
+    p = sub.add_parser("psql", help="psql on the database in use; extra arguments go to psql")
+    p.add_argument("psql_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_psql)
+
+    p = sub.add_parser("ctl", help="supervisorctl for the stack of `replyx run`")
+    p.add_argument("ctl_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_ctl)
+
+    p = sub.add_parser("stop-db", help="stop the embedded Postgres")
+    p.set_defaults(func=cmd_stop_db)
+    return parser
+
+
+def _lazy(module: str, name: str) -> Callable[[Settings, argparse.Namespace], int]:
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def _lazy_args(module: str, parser: argparse.ArgumentParser) -> None:
+    """Let a command module add its own options (``add_arguments``) if it is importable."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return
+    add = getattr(mod, "add_arguments", None)
+    if add is not None:
+        add(parser)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_environ()
+    except ConfigError as exc:
+        print(f"replyx: {exc}", file=sys.stderr)
+        return 2
+    logs.setup_logging(os.environ.get("REPLYX_LOG_LEVEL", "WARNING").upper())
+    from replyx.pg import EmbeddedPostgresError
+    from replyx.schema import SchemaMismatchError
+
+    try:
+        return args.func(settings, args)
+    except (CommandError, ConfigError, SchemaMismatchError, EmbeddedPostgresError) as exc:
+        print(f"replyx {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        while _started_embedded:
+            _started_embedded.pop().stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

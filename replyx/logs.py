@@ -1,0 +1,63 @@
+"""Logging: one line per event on stderr, and access lines that never carry a secret.
+
+Query strings carry tokens (``?token=``, ``?site_token=``, ``?guest_token=``)
+because browsers cannot set headers on a WebSocket, so access lines log the
+path alone and the names of the query parameters, never their values.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlsplit
+
+if TYPE_CHECKING:
+    from tornado.web import RequestHandler
+
+FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+
+access_log = logging.getLogger("replyx.access")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Tornado's own access log would print full URIs with their tokens: ours replaces it.
+    logging.getLogger("tornado.access").disabled = True
+    logging.getLogger("asyncpg").setLevel(max(logging.getLevelName(level), logging.INFO))
+
+
+def redact_uri(uri: str) -> str:
+    """``/ws/dialogs/5?token=abc&since=3`` → ``/ws/dialogs/5?token=…&since=…``."""
+    parts = urlsplit(uri)
+    if not parts.query:
+        return parts.path
+    names = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)]
+    return parts.path + "?" + "&".join(f"{name[:40]}=…" for name in names[:20])
+
+
+def log_request(handler: RequestHandler) -> None:
+    """Tornado ``log_function``: method, redacted URI, status, time, peer."""
+    status = handler.get_status()
+    if status < 400:
+        level = logging.INFO
+    elif status < 500:
+        level = logging.WARNING
+    else:
+        level = logging.ERROR
+    if not access_log.isEnabledFor(level):
+        return
+    request = handler.request
+    access_log.log(
+        level,
+        "%d %s %s %.1fms peer=%s",
+        status,
+        request.method,
+        redact_uri(request.uri or ""),
+        1000.0 * request.request_time(),
+        request.remote_ip,
+    )

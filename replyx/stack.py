@@ -1,0 +1,196 @@
+"""``replyx run``: Postgres, migrations, then supervisord with the backend, the gateway and nginx.
+
+supervisord runs in the foreground from ``conf/supervisord.conf``; everything
+it needs to know arrives through environment variables (``%(ENV_…)s`` in the
+config). Ctrl-C or SIGTERM stops supervisord, which stops its programs, and
+then the embedded Postgres if this command started it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from replyx import schema
+from replyx.config import Settings
+from replyx.pg import EmbeddedPostgres, redact_url
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+
+def stack_environ(settings: Settings, database_url: str, *, nginx: bool) -> dict[str, str]:
+    """The environment supervisord and its programs run with."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "DATABASE_URL": database_url,
+            "REPLYX_DATA_DIR": str(settings.data_dir),
+            "REPLYX_ROOT": str(ROOT),
+            "REPLYX_BIN": str(Path(sys.executable).parent),
+            "REPLYX_HOST": settings.host,
+            "BACKEND_PORT": str(settings.backend_port),
+            "GATEWAY_PORT": str(settings.gateway_port),
+            "NGINX_PORT": str(settings.nginx_port),
+            "REPLYX_NGINX": "true" if nginx else "false",
+            "REPLYX_NGINX_BIN": shutil.which("nginx") or "/usr/sbin/nginx",
+            "REPLYX_NGINX_CONF": str(settings.data_dir / "nginx" / "nginx.conf"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def render_nginx_conf(settings: Settings) -> Path:
+    """Fill ``conf/nginx.conf``'s ``${…}`` placeholders; nginx's own ``$vars`` stay as they are."""
+    target_dir = settings.data_dir / "nginx"
+    for sub in ("", "client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (target_dir / sub).mkdir(parents=True, exist_ok=True)
+    values = {
+        "REPLYX_DATA_DIR": str(settings.data_dir),
+        "NGINX_HOST": settings.host,
+        "NGINX_PORT": str(settings.nginx_port),
+        "BACKEND_PORT": str(settings.backend_port),
+        "GATEWAY_PORT": str(settings.gateway_port),
+    }
+    text = Template((CONF / "nginx.conf").read_text()).safe_substitute(values)
+    target = target_dir / "nginx.conf"
+    target.write_text(text)
+    return target
+
+
+def nginx_available() -> bool:
+    return shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
+
+
+def wait_for(url: str, timeout: float, proc: subprocess.Popen[Any] | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def supervisorctl(settings: Settings, ctl_args: list[str]) -> int:
+    env = stack_environ(settings, settings.database_url or "", nginx=False)
+    argv = [
+        str(Path(sys.executable).parent / "supervisorctl"),
+        "-c", str(CONF / "supervisord.conf"),
+        *ctl_args,
+    ]
+    return subprocess.call(argv, env=env)
+
+
+def run(settings: Settings, *, demo: bool = True, nginx: bool = True) -> int:
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    embedded: EmbeddedPostgres | None = None
+    started_db = False
+    if settings.database_url:
+        url = settings.database_url
+    else:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        started_db = not embedded.is_running()
+        url = embedded.ensure_running()
+    note(f"database: {redact_url(url)}" + (" (embedded)" if embedded else ""))
+    schema.upgrade(url)
+    note(f"schema at {schema.head_revision()}")
+    settings.jwt_secret()  # create the development key before four workers race for it
+
+    use_nginx = nginx and nginx_available()
+    if use_nginx:
+        render_nginx_conf(settings)
+    env = stack_environ(settings, url, nginx=use_nginx)
+    supervisord = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "supervisord"),
+            "-n", "-c", str(CONF / "supervisord.conf"),
+        ],
+        env=env,
+        cwd=str(ROOT),
+        # Own process group: a terminal's Ctrl-C reaches us, and we stop supervisord in order.
+        start_new_session=True,
+    )
+
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            note("stopping…")
+            supervisord.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        host = settings.host
+        backend_ok = wait_for(f"http://{host}:{settings.backend_port}/health", 60, supervisord)
+        gateway_ok = wait_for(f"http://{host}:{settings.gateway_port}/health", 60, supervisord)
+        if backend_ok and gateway_ok:
+            print_banner(settings, url, use_nginx, demo)
+        elif supervisord.poll() is None:
+            note(
+                f"the stack did not become healthy; see the logs in {settings.log_dir}",
+            )
+        while supervisord.poll() is None:
+            try:
+                supervisord.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if supervisord.poll() is None:
+            supervisord.terminate()
+            supervisord.wait(timeout=30)
+        if embedded is not None and started_db:
+            note("stopping the embedded Postgres")
+            embedded.stop()
+    return 0 if stopping else (supervisord.returncode or 0)
+
+
+def note(message: str) -> None:
+    print(f"replyx run: {message}", file=sys.stderr, flush=True)
+
+
+def print_banner(settings: Settings, url: str, nginx: bool, demo: bool) -> None:
+    host = settings.host
+    api = f"http://{host}:{settings.backend_port}"
+    ws = f"ws://{host}:{settings.gateway_port}"
+    lines = [
+        "",
+        "ReplyX realtime is up.",
+        f"  backend  {api}   (gunicorn, 4 workers)   log {settings.log_dir}/backend.log",
+        f"  gateway  {ws}     (one process)           log {settings.log_dir}/gateway.log",
+    ]
+    if nginx:
+        lines.append(
+            f"  nginx    http://{host}:{settings.nginx_port}  (/api/ → backend, /ws/ → gateway)"
+        )
+    lines += [
+        f"  health   curl {api}/health ; curl http://{host}:{settings.gateway_port}/health",
+        f"  debug    curl http://{host}:{settings.gateway_port}/api/debug/websocket/status",
+        "  psql     .venv/bin/replyx psql     then: LISTEN replyx_events;",
+        "  control  .venv/bin/replyx ctl status | restart backend | restart gateway",
+    ]
+    if demo:
+        from replyx import demo as demo_mod
+
+        tenant = demo_mod.ensure_demo_tenant(settings, url)
+        lines += ["", "Try it with the demo tenant:", *demo_mod.try_it_lines(settings, tenant)]
+    lines += ["", "Ctrl-C stops everything.", ""]
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,1 @@
+"""The WebSocket gateway: one Tornado process, one LISTEN connection, every socket."""

@@ -1,0 +1,35 @@
+"""``python -m ws_gateway``: run one gateway on ``GATEWAY_PORT``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from replyx import logs
+from replyx.config import ConfigError, Settings
+from replyx.pg import resolve_database_url
+from replyx.schema import SchemaMismatchError
+from ws_gateway.app import serve
+
+
+def main() -> int:
+    try:
+        settings = Settings.from_environ()
+    except ConfigError as exc:
+        print(f"ws_gateway: {exc}", file=sys.stderr)
+        return 2
+    logs.setup_logging(settings.log_level)
+    try:
+        url = resolve_database_url(settings.database_url, settings.data_dir)
+        asyncio.run(serve(settings, url))
+    except (SchemaMismatchError, ConfigError) as exc:
+        logging.getLogger("ws_gateway").error("refusing to start: %s", exc)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The gateway process: one LISTEN connection, one router, every socket.
+
+:class:`Gateway` builds its parts once and hands them to the handlers through
+``initialize`` kwargs. ``python -m ws_gateway`` runs one; tests start several
+in-process on free ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import asyncpg
+import tornado.netutil
+import tornado.web
+from prometheus_client import CollectorRegistry
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+
+from replyx import logs, schema
+from replyx.config import Settings
+from replyx.pg import libpq_url
+from ws_gateway.events import BadPayloadError, parse_event
+from ws_gateway.handlers import debug
+from ws_gateway.handlers.admin import AdminSocket
+from ws_gateway.handlers.base import CLOSE_RESTARTING
+from ws_gateway.handlers.site import SiteSocket
+from ws_gateway.handlers.widget import WidgetSocket
+from ws_gateway.limits import Limiter
+from ws_gateway.listener import Listener
+from ws_gateway.router import Router
+from ws_gateway.stats import Stats, StatsCollector
+from ws_gateway.store import GatewayStore
+
+log = logging.getLogger("ws_gateway")
+
+ID = r"([^/]+)"
+
+
+class Gateway:
+    def __init__(self, settings: Settings, database_url: str) -> None:
+        self.settings = settings
+        self.dsn = libpq_url(database_url)
+        self.jwt_secret = settings.jwt_secret()
+        self.registry = CollectorRegistry()
+        self.stats = Stats(self.registry)
+        self.limiter = Limiter(
+            settings.max_sockets_per_ip, settings.client_msgs_per_second, settings.client_burst
+        )
+        self.stopping = False
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.pool: asyncpg.Pool | None = None
+        self.server: HTTPServer | None = None
+        self.port: int | None = None
+        self._consumer: asyncio.Task[None] | None = None
+        # Built in start(), where the event loop exists.
+        self.store: GatewayStore
+        self.router: Router
+        self.listener: Listener
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self, port: int | None = None, host: str | None = None) -> None:
+        """Check the schema, open the pool and the LISTEN connection, then accept sockets."""
+        self.pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=1,
+            max_size=10,
+            command_timeout=10,
+            timeout=5,
+            server_settings={"application_name": "replyx-gateway"},
+        )
+        try:
+            revision = await self._revision()
+            schema.ensure_at_head(revision)
+        except BaseException:
+            await self.pool.close()
+            raise
+        self.store = GatewayStore(self.pool)
+        self.router = Router(self.store, self.stats)
+        self.listener = Listener(
+            self.dsn,
+            schema.CHANNEL,
+            self.queue.put_nowait,
+            self.router.resync_all,
+            probe_interval=self.settings.listener_probe_interval,
+            probe_timeout=self.settings.listener_probe_timeout,
+            backoff_max=self.settings.listener_backoff_max,
+        )
+        self.registry.register(
+            StatsCollector(self.stats, self.sockets_by_kind, lambda: self.listener.is_up)
+        )
+        self._consumer = asyncio.ensure_future(self._consume())
+        await self.listener.start()
+        self.server = HTTPServer(
+            self.make_app(), max_body_size=64 * 1024, idle_connection_timeout=120
+        )
+        self.port = self.settings.gateway_port if port is None else port
+        sockets = tornado.netutil.bind_sockets(self.port, host or self.settings.host)
+        self.port = sockets[0].getsockname()[1]
+        self.server.add_sockets(sockets)
+        log.info("gateway listening on %s:%d", host or self.settings.host, self.port)
+
+    async def _revision(self) -> str | None:
+        assert self.pool is not None
+        try:
+            return await self.pool.fetchval(schema.REVISION_SQL)
+        except asyncpg.exceptions.UndefinedTableError:
+            return None
+
+    async def stop(self) -> None:
+        """Close every socket with 1012 (clients resume with ``since``) and shut down."""
+        if self.stopping:
+            return
+        self.stopping = True
+        if self.server is not None:
+            self.server.stop()
+        subs = list(self.router.subscribers()) if hasattr(self, "router") else []
+        for sub in subs:
+            sub.close(CLOSE_RESTARTING, "gateway restarting, resume with since")
+        log.info("closing %d socket(s) with %d", len(subs), CLOSE_RESTARTING)
+        deadline = time.monotonic() + self.settings.shutdown_grace
+        while any(sub.is_open or sub.ws_connection is not None for sub in subs):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        if self.server is not None:
+            await self.server.close_all_connections()
+        if hasattr(self, "listener"):
+            await self.listener.stop()
+        if self._consumer is not None:
+            self._consumer.cancel()
+        if hasattr(self, "router"):
+            await self.router.close()
+        if self.pool is not None:
+            await self.pool.close()
+
+    # -- notifications -----------------------------------------------------------
+
+    async def _consume(self) -> None:
+        queue = self.queue
+        while True:
+            payload = await queue.get()
+            await self._handle(payload)
+            while not queue.empty():
+                await self._handle(queue.get_nowait())
+
+    async def _handle(self, payload: str) -> None:
+        self.stats.notifications += 1
+        try:
+            event = parse_event(payload)
+        except BadPayloadError as exc:
+            self.stats.bad_notifications += 1
+            log.warning("dropped malformed notification (%s): %r", exc, payload[:120])
+            return
+        try:
+            if event.kind == "message_ref":
+                await self.router.resolve_and_route(event)
+            else:
+                self.router.route(event)
+        except Exception:
+            log.exception("failed to route %s for dialog %d", event.kind, event.dialog_id)
+
+    # -- views for the debug handlers ----------------------------------------------
+
+    def sockets_by_kind(self) -> dict[str, int]:
+        counts = dict.fromkeys(debug.KINDS, 0)
+        for sub in self.router.subscribers():
+            counts[sub.kind] += 1
+        return counts
+
+    def listener_state(self) -> dict[str, Any]:
+        listener = self.listener
+        return {
+            "state": listener.state,
+            "backend_pid": listener.backend_pid,
+            "reconnects": listener.reconnects,
+            "down_for_s": (
+                round(time.monotonic() - listener.down_since, 3)
+                if listener.down_since is not None else None
+            ),
+            "last_error": listener.last_error if listener.state != "up" else None,
+            "queue": self.queue.qsize(),
+            "resyncing_dialogs": self.router.resyncing,
+        }
+
+    def health(self) -> dict[str, Any]:
+        listener = self.listener
+        ok = listener.is_up and self.router.resyncing == 0 and not self.stopping
+        lag = self.router.last_lag
+        return {
+            "status": "ok" if ok else "unavailable",
+            "listener": listener.state,
+            "resyncing_dialogs": self.router.resyncing,
+            "notification_lag_ms": round(lag * 1000, 2) if lag is not None else None,
+            "queue": self.queue.qsize(),
+            "sockets": sum(len(s) for s in self.router.channels.values()),
+        }
+
+    # -- timers for sockets ----------------------------------------------------------
+
+    def loop_call_later(self, delay: float, callback: Any) -> object:
+        return IOLoop.current().call_later(delay, callback)
+
+    def loop_cancel(self, handle: object) -> None:
+        IOLoop.current().remove_timeout(handle)
+
+    # -- the application -----------------------------------------------------------
+
+    def make_app(self) -> tornado.web.Application:
+        deps = {"gateway": self}
+        settings = self.settings
+        return tornado.web.Application(
+            [
+                (rf"/ws/dialogs/{ID}", AdminSocket, deps),
+                (rf"/ws/widget/dialogs/{ID}", WidgetSocket, deps),
+                (rf"/ws/site/dialogs/{ID}", SiteSocket, deps),
+                (r"/health", debug.HealthHandler, deps),
+                (r"/api/debug/websocket/status", debug.StatusHandler, deps),
+                (r"/api/debug/websocket/sync", debug.SyncHandler, deps),
+                (r"/metrics", debug.MetricsHandler, deps),
+            ],
+            log_function=logs.log_request,
+            websocket_max_message_size=settings.max_inbound_frame,
+            websocket_ping_interval=settings.ping_interval,
+            websocket_ping_timeout=settings.ping_timeout,
+            serve_traceback=False,
+        )
+
+
+async def serve(settings: Settings, database_url: str) -> None:
+    """Run one gateway until SIGTERM or SIGINT."""
+    import signal
+
+    gateway = Gateway(settings, database_url)
+    await gateway.start()
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    await done.wait()
+    log.info("shutting down")
+    await gateway.stop()

@@ -1,0 +1,101 @@
+"""NOTIFY payloads in, WebSocket frames out.
+
+A ``message`` payload is already the exact frame clients receive (the database
+renders it with ``replyx_message_json``), so the gateway parses it only to read
+the routing keys and forwards the original bytes. Anything that does not look
+like one of our events is rejected with :class:`BadPayloadError`, logged and dropped.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from datetime import datetime
+
+import orjson
+
+MAX_ID = 2**63 - 1
+SENDERS = frozenset({"visitor", "operator", "assistant", "system"})
+KINDS = frozenset({"message", "message_ref", "typing"})
+
+
+class BadPayloadError(ValueError):
+    """A notification payload that is not one of our events."""
+
+
+@dataclass(slots=True, frozen=True)
+class Event:
+    kind: str  # "message" | "message_ref" | "typing"
+    dialog_id: int
+    seq: int = 0
+    message_id: int = 0
+    payload: bytes = b""  # the frame's JSON text, for message and typing
+    created_at: str | None = None
+
+
+def _positive_id(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_ID:
+        raise BadPayloadError(f"{name} must be a positive 64-bit integer")
+    return value
+
+
+def parse_event(payload: str | bytes) -> Event:
+    """Validate one NOTIFY payload; raise :class:`BadPayloadError` for anything else."""
+    raw = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadPayloadError("not JSON") from None
+    if not isinstance(data, dict):
+        raise BadPayloadError("not a JSON object")
+    kind = data.get("type")
+    if kind not in KINDS:
+        raise BadPayloadError("unknown type")
+    dialog_id = _positive_id(data.get("dialog_id"), "dialog_id")
+    if kind == "typing":
+        sender = data.get("sender")
+        if sender not in SENDERS:
+            raise BadPayloadError("unknown sender")
+        # Re-encoded: only the three contract keys reach clients, whatever else was sent.
+        frame = orjson.dumps({"type": "typing", "dialog_id": dialog_id, "sender": sender})
+        return Event("typing", dialog_id, payload=frame)
+    seq = _positive_id(data.get("seq"), "seq")
+    message_id = _positive_id(data.get("id"), "id")
+    if kind == "message_ref":
+        return Event("message_ref", dialog_id, seq, message_id)
+    if data.get("sender") not in SENDERS or not isinstance(data.get("text"), str):
+        raise BadPayloadError("message without a valid sender and text")
+    created_at = data.get("created_at")
+    if not isinstance(created_at, str):
+        raise BadPayloadError("message without created_at")
+    return Event("message", dialog_id, seq, message_id, raw, created_at)
+
+
+def age_seconds(created_at: str | None, now: float) -> float | None:
+    """Seconds from a message's ``created_at`` to ``now`` (a Unix time), if parseable."""
+    if not created_at:
+        return None
+    try:
+        return now - datetime.fromisoformat(created_at).timestamp()
+    except ValueError:
+        return None
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete unmasked, unfragmented RFC 6455 text frame around ``payload``.
+
+    Built once per event and written as-is to every socket of the dialog.
+    """
+    length = len(payload)
+    if length < 126:
+        return struct.pack("!BB", 0x81, length) + payload
+    if length <= 0xFFFF:
+        return struct.pack("!BBH", 0x81, 126, length) + payload
+    return struct.pack("!BBQ", 0x81, 127, length) + payload
+
+
+PONG_FRAME = text_frame(b'{"type":"pong"}')
+
+
+def ready_frame(dialog_id: int, last_seq: int) -> bytes:
+    return text_frame(b'{"type":"ready","dialog_id":%d,"last_seq":%d}' % (dialog_id, last_seq))

@@ -1,0 +1,1 @@
+"""WebSocket endpoints (admin, widget, site) and the gateway's HTTP endpoints (debug)."""

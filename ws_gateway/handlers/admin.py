@@ -1,0 +1,31 @@
+"""``/ws/dialogs/{id}?token=JWT``: the operator panel."""
+
+from __future__ import annotations
+
+from tornado.httputil import HTTPHeaders
+
+from replyx import security
+from ws_gateway.handlers.base import CLOSE_NOT_FOUND, CLOSE_UNAUTHORIZED, DialogSocket, Refused
+
+
+def bearer(headers: HTTPHeaders) -> str | None:
+    """The token of an ``Authorization: Bearer …`` header (non-browser clients)."""
+    scheme, _, token = headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+class AdminSocket(DialogSocket):
+    kind = "admin"
+    tag = "[Admin]"
+
+    async def authorize(self, dialog_id: int) -> None:
+        token = self.get_query_argument("token", None) or bearer(self.request.headers)
+        try:
+            claims = security.verify_operator_token(token, self.gateway.jwt_secret)
+        except security.InvalidTokenError:
+            raise Refused(CLOSE_UNAUTHORIZED, "missing, invalid or expired token") from None
+        if not await self.gateway.store.admin_dialog(dialog_id, claims.user_id):
+            raise Refused(CLOSE_NOT_FOUND, "dialog not found", f"user_id={claims.user_id}")
+        self.expire_at(claims.expires_at)

@@ -1,0 +1,240 @@
+"""The socket all three endpoints share: authorise, join the router, write frames, close.
+
+Authorisation runs after the handshake (``check_origin`` lets everything
+through) so a refusal can carry the contract's close code: 4001 bad token,
+4003 origin, 4004 dialog not found or not yours.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import orjson
+import tornado.websocket
+from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
+
+from ws_gateway.events import MAX_ID, PONG_FRAME
+
+if TYPE_CHECKING:
+    from ws_gateway.app import Gateway
+
+log = logging.getLogger("ws_gateway.sockets")
+
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_FORBIDDEN_ORIGIN = 4003
+CLOSE_NOT_FOUND = 4004
+CLOSE_TOO_SLOW = 4008
+CLOSE_BAD_REQUEST = 4400
+CLOSE_POLICY = 1008
+CLOSE_RESTARTING = 1012
+CLOSE_TRY_AGAIN = 1013
+
+
+class Refused(Exception):
+    """Refuse a connection with a close code; ``detail`` goes to the log only."""
+
+    def __init__(self, code: int, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_dialog_id(raw: str) -> int:
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or not 0 < int(raw) <= MAX_ID:
+        raise Refused(CLOSE_NOT_FOUND, "dialog not found")
+    return int(raw)
+
+
+class DialogSocket(tornado.websocket.WebSocketHandler):
+    """One client socket on one dialog. Subclasses implement :meth:`authorize`."""
+
+    kind: ClassVar[str] = ""
+    tag: ClassVar[str] = ""
+
+    def initialize(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.dialog_id = 0
+        self.sent_seq = 0
+        self.buffer: list[tuple[int, int, bytes]] | None = None
+        self._stream: IOStream | None = None
+        self._joined = False
+        self._closing = False
+        self._server_close_code: int | None = None
+        self._expiry: object | None = None
+        self._opened_at = time.monotonic()
+
+    # -- handshake -----------------------------------------------------------
+
+    def check_origin(self, origin: str) -> bool:
+        # Origins are checked in open(), after the handshake, so the client gets a close code.
+        return True
+
+    def get_compression_options(self) -> dict[str, Any] | None:
+        # Frames are pre-encoded once for all sockets; per-socket deflate would undo that.
+        return None
+
+    async def authorize(self, dialog_id: int) -> None:
+        """Raise :class:`Refused` unless this request may read ``dialog_id``."""
+        raise NotImplementedError
+
+    async def open(self, raw_id: str) -> None:
+        gateway = self.gateway
+        if gateway.stopping:
+            self._close(CLOSE_RESTARTING, "gateway restarting, resume with since")
+            return
+        if not gateway.limiter.acquire(self):
+            log.warning("%s refused: too many sockets from %s", self.tag, self.request.remote_ip)
+            self.gateway.stats.refused[str(CLOSE_POLICY)] += 1
+            self._close(CLOSE_POLICY, "too many connections from this address")
+            return
+        try:
+            self.dialog_id = parse_dialog_id(raw_id)
+            since = self._since()
+            await self.authorize(self.dialog_id)
+        except Refused as refusal:
+            self._refuse(refusal)
+            return
+        except Exception as exc:
+            if not gateway.store.is_unavailable(exc):
+                raise
+            log.warning("%s dialog_id=%s refused: database unavailable", self.tag, raw_id)
+            self._close(CLOSE_TRY_AGAIN, "database unavailable, try again")
+            return
+        if not self.is_open:
+            return
+        assert self.ws_connection is not None
+        self._stream = self.ws_connection.stream
+        self._stream.max_write_buffer_size = gateway.settings.socket_buffer_limit
+        self._joined = True
+        try:
+            await gateway.router.join(self, since)
+        except Exception as exc:
+            gateway.router.remove(self)
+            if not gateway.store.is_unavailable(exc):
+                raise
+            self._close(CLOSE_TRY_AGAIN, "database unavailable, try again")
+            return
+        if not self.is_open:
+            # The client left while we were replaying.
+            gateway.router.remove(self)
+            return
+        log.info(
+            "%s connected dialog_id=%d since=%s last_seq=%d peer=%s",
+            self.tag, self.dialog_id, "-" if since is None else since, self.sent_seq,
+            self.request.remote_ip,
+        )
+
+    def _since(self) -> int | None:
+        raw = self.get_query_argument("since", None)
+        if raw is None or raw == "":
+            return None
+        if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_ID:
+            raise Refused(CLOSE_BAD_REQUEST, "since must be a non-negative integer")
+        return int(raw)
+
+    def _refuse(self, refusal: Refused) -> None:
+        self.gateway.stats.refused[str(refusal.code)] += 1
+        marker = " WEBSOCKET_4003_ERROR" if refusal.code == CLOSE_FORBIDDEN_ORIGIN else ""
+        log.warning(
+            "%s%s refused dialog_id=%s code=%d reason=%s%s peer=%s",
+            self.tag, marker, self.dialog_id or "-", refusal.code, refusal.reason,
+            f" {refusal.detail}" if refusal.detail else "", self.request.remote_ip,
+        )
+        self._close(refusal.code, refusal.reason)
+
+    def expire_at(self, unix_time: float) -> None:
+        """Close with 4001 when the credential expires (operator JWTs)."""
+        delay = max(0.0, unix_time - time.time())
+        self._expiry = self.gateway.loop_call_later(delay, self._expired)
+
+    def _expired(self) -> None:
+        if self.is_open:
+            log.info("%s token expired dialog_id=%d", self.tag, self.dialog_id)
+            self._close(CLOSE_UNAUTHORIZED, "token expired")
+
+    # -- the router's side -----------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        conn = self.ws_connection
+        return not self._closing and conn is not None and not conn.is_closing()
+
+    def write_frame(self, frame: bytes) -> bool:
+        if self._closing:
+            return False
+        stream = self._stream
+        if stream is None:
+            return False
+        try:
+            stream.write(frame)
+        except StreamBufferFullError:
+            self._too_slow()
+            return False
+        except StreamClosedError:
+            return False
+        return True
+
+    async def drained(self) -> None:
+        stream = self._stream
+        if stream is None or self._closing:
+            return
+        try:
+            await stream.write(b"")
+        except StreamClosedError:
+            pass
+
+    def _too_slow(self) -> None:
+        self.gateway.stats.slow_consumers_dropped += 1
+        log.warning(
+            "%s slow consumer dialog_id=%d sent_seq=%d: write buffer over %d bytes, closing %d",
+            self.tag, self.dialog_id, self.sent_seq, self.gateway.settings.socket_buffer_limit,
+            CLOSE_TOO_SLOW,
+        )
+        self._close(CLOSE_TOO_SLOW, "client too slow, resume with since")
+
+    def _close(self, code: int, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._server_close_code = code
+        if self._stream is not None:
+            # The close frame must get past the limit that just tripped.
+            self._stream.max_write_buffer_size = None
+        self.close(code, reason)
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        self._closing = True
+        if self._server_close_code is None:
+            self._server_close_code = code
+        super().close(code, reason)
+
+    # -- client frames ------------------------------------------------------------
+
+    def on_message(self, message: str | bytes) -> None:
+        if not self.gateway.limiter.allow_frame(self):
+            self._close(CLOSE_POLICY, "rate limit exceeded")
+            return
+        try:
+            data = orjson.loads(message)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(data, dict) and data.get("type") == "ping" and self._joined:
+            self.write_frame(PONG_FRAME)
+
+    def on_close(self) -> None:
+        if self._expiry is not None:
+            self.gateway.loop_cancel(self._expiry)
+            self._expiry = None
+        self._closing = True
+        self.gateway.router.remove(self)
+        self.gateway.limiter.release(self)
+        if self._joined:
+            code = self._server_close_code or self.close_code
+            log.info(
+                "%s disconnected dialog_id=%d code=%s sent_seq=%d after %.1fs",
+                self.tag, self.dialog_id, code if code is not None else "-", self.sent_seq,
+                time.monotonic() - self._opened_at,
+            )

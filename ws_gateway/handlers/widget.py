@@ -1,0 +1,47 @@
+"""``/ws/widget/dialogs/{id}?assistant_id=A&guest_token=G[&parent_origin=O]``: the site widget.
+
+The guest token names its dialog; ``assistant_id`` is only cross-checked, never
+trusted alone. The page origin (``Origin``, or ``parent_origin`` inside our own
+iframe) must be one of the assistant's domains.
+"""
+
+from __future__ import annotations
+
+from replyx.origins import effective_origin, origin_allowed
+from ws_gateway.handlers.base import (
+    CLOSE_FORBIDDEN_ORIGIN,
+    CLOSE_NOT_FOUND,
+    CLOSE_UNAUTHORIZED,
+    DialogSocket,
+    Refused,
+)
+
+
+class WidgetSocket(DialogSocket):
+    kind = "widget"
+    tag = "[Widget]"
+
+    async def authorize(self, dialog_id: int) -> None:
+        token = self.get_query_argument("guest_token", None)
+        if not token:
+            raise Refused(CLOSE_UNAUTHORIZED, "guest_token is required")
+        dialog = await self.gateway.store.guest_dialog(token)
+        if dialog is None:
+            raise Refused(CLOSE_UNAUTHORIZED, "invalid guest token")
+        if dialog.dialog_id != dialog_id or not self._assistant_matches(dialog.assistant_id):
+            raise Refused(CLOSE_NOT_FOUND, "dialog not found")
+        origin = self.request.headers.get("Origin")
+        parent_origin = self.get_query_argument("parent_origin", None)
+        widget_origin = self.gateway.settings.widget_origin
+        if not origin_allowed(origin, parent_origin, dialog.domains, widget_origin):
+            checked = effective_origin(origin, parent_origin, widget_origin)
+            raise Refused(
+                CLOSE_FORBIDDEN_ORIGIN,
+                "origin not allowed for this assistant",
+                f"assistant_id={dialog.assistant_id} origin={(origin or '-')[:200]}"
+                f" checked={checked or '-'}",
+            )
+
+    def _assistant_matches(self, assistant_id: int) -> bool:
+        raw = self.get_query_argument("assistant_id", None)
+        return raw is None or raw == str(assistant_id)

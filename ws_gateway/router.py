@@ -1,0 +1,281 @@
+"""Where a NOTIFY becomes a frame: per-dialog fan-out with per-socket seq tracking.
+
+Every socket (a :class:`Subscriber`) records ``sent_seq``, the last message seq
+it was given. A message with seq ``s`` is written to a socket only when
+``s == sent_seq + 1``; a lower seq is a duplicate and skipped; a higher one is
+a gap, and the socket switches to *catching up*:
+
+* while catching up, routed frames go to the socket's ``buffer`` instead of the wire;
+* the missing messages are read from the database (``seq > sent_seq``) and written;
+* the buffer is then drained in order, and the socket is live again.
+
+A new socket joins the same way (it starts catching up from its ``since``), and
+after the listener reconnects every socket catches up, which is what fills the
+gap left by notifications lost while it was down. Catching up has no await
+between "buffer drained" and "live", so nothing can slip between the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from typing import Protocol
+
+from ws_gateway.events import Event, age_seconds, ready_frame, text_frame
+from ws_gateway.stats import Stats
+from ws_gateway.store import GatewayStore
+
+log = logging.getLogger("ws_gateway.router")
+
+REPLAY_PAGE = 500
+
+
+class Subscriber(Protocol):
+    """One socket, as the router sees it."""
+
+    kind: str  # "admin" | "widget" | "site"
+    dialog_id: int
+    sent_seq: int
+    # Frames routed while catching up: (routing tick, seq, frame). None when live.
+    buffer: list[tuple[int, int, bytes]] | None
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Queue a complete frame; False when the socket is gone or closing."""
+
+    async def drained(self) -> None:
+        """Wait until what was queued so far has been handed to the kernel."""
+
+    @property
+    def is_open(self) -> bool: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class Router:
+    """Dialog id → its sockets, and the routing of events to them."""
+
+    def __init__(self, store: GatewayStore, stats: Stats) -> None:
+        self.store = store
+        self.stats = stats
+        self.channels: dict[int, set[Subscriber]] = {}
+        self._tick = 0  # counts routed message events; orders buffer entries against queries
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.last_lag: float | None = None
+        # Dialogs still catching up after a listener reconnect; /health is 503 until zero.
+        self.resyncing = 0
+
+    # -- membership ----------------------------------------------------------
+
+    def subscribers(self) -> Iterable[Subscriber]:
+        for subs in self.channels.values():
+            yield from subs
+
+    def sockets_of(self, dialog_id: int) -> set[Subscriber]:
+        return self.channels.get(dialog_id, set())
+
+    def remove(self, sub: Subscriber) -> None:
+        subs = self.channels.get(sub.dialog_id)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if not subs:
+            del self.channels[sub.dialog_id]
+
+    async def join(self, sub: Subscriber, since: int | None) -> None:
+        """Register ``sub``, replay ``seq > since`` from the database, go live, send ``ready``.
+
+        Registration comes first, so every message committed after the replay's
+        snapshot is routed into the buffer: nothing falls between the two.
+        Without ``since`` the socket starts at the dialog's current last seq.
+        """
+        sub.buffer = []
+        sub.sent_seq = since or 0
+        self.channels.setdefault(sub.dialog_id, set()).add(sub)
+        if since is None:
+            sub.sent_seq = await self.store.last_seq(sub.dialog_id)
+        await self.catch_up(sub.dialog_id, [sub], announce=True)
+
+    # -- routing ---------------------------------------------------------------
+
+    def route(self, event: Event) -> None:
+        """Route one parsed event (``message`` or ``typing``) to its dialog's sockets."""
+        subs = self.channels.get(event.dialog_id)
+        if event.kind == "typing":
+            if subs:
+                frame = text_frame(event.payload)
+                for sub in tuple(subs):
+                    if sub.buffer is None and sub.write_frame(frame):
+                        self.stats.frames_sent += 1
+            return
+        self._tick += 1
+        self.stats.messages_routed += 1
+        lag = age_seconds(event.created_at, time.time())
+        if lag is not None:
+            self.last_lag = lag
+            self.stats.observe_lag(lag)
+        if not subs:
+            return
+        log.info(
+            "Broadcasting message dialog_id=%d seq=%d sockets=%d",
+            event.dialog_id, event.seq, len(subs),
+        )
+        self.fan_out(event.dialog_id, event.seq, text_frame(event.payload), subs)
+
+    def fan_out(self, dialog_id: int, seq: int, frame: bytes, subs: set[Subscriber]) -> None:
+        """Write one pre-encoded frame to every live socket that expects exactly this seq."""
+        sent = 0
+        gapped: list[Subscriber] = []
+        tick = self._tick
+        for sub in tuple(subs):
+            buffer = sub.buffer
+            if buffer is not None:
+                buffer.append((tick, seq, frame))
+                continue
+            expected = sub.sent_seq + 1
+            if seq == expected:
+                if sub.write_frame(frame):
+                    sub.sent_seq = seq
+                    sent += 1
+            elif seq > expected:
+                sub.buffer = [(tick, seq, frame)]
+                gapped.append(sub)
+            # seq < expected: already delivered (replayed from the database first).
+        self.stats.frames_sent += sent
+        if gapped:
+            log.info(
+                "gap in dialog %d: %d socket(s) expected seq %d, got %d; reading the database",
+                dialog_id, len(gapped), min(s.sent_seq for s in gapped) + 1, seq,
+            )
+            self.spawn(self.catch_up(dialog_id, gapped))
+
+    async def resolve_and_route(self, event: Event) -> None:
+        """A ``message_ref`` (message too big for NOTIFY): read the row, then route it."""
+        if not self.channels.get(event.dialog_id):
+            self._tick += 1
+            return
+        payload = await self.store.message_by_ref(event.dialog_id, event.seq, event.message_id)
+        if payload is None:
+            log.warning(
+                "dropped message_ref dialog_id=%d seq=%d id=%d: no such message",
+                event.dialog_id, event.seq, event.message_id,
+            )
+            self.stats.bad_notifications += 1
+            return
+        self.route(Event("message", event.dialog_id, event.seq, event.message_id, payload))
+
+    def resync_all(self) -> None:
+        """After the listener (re)connects: every socket catches up from the database."""
+        by_dialog: dict[int, list[Subscriber]] = {}
+        for sub in self.subscribers():
+            if sub.buffer is None:
+                sub.buffer = []
+                by_dialog.setdefault(sub.dialog_id, []).append(sub)
+        for dialog_id, subs in by_dialog.items():
+            self.resyncing += 1
+            self.spawn(self._resync(dialog_id, subs))
+        if by_dialog:
+            log.info("resyncing %d dialog(s) from the database", len(by_dialog))
+
+    async def _resync(self, dialog_id: int, subs: list[Subscriber]) -> None:
+        try:
+            await self.catch_up(dialog_id, subs)
+        finally:
+            self.resyncing -= 1
+
+    # -- catching up -----------------------------------------------------------
+
+    async def catch_up(
+        self, dialog_id: int, subs: list[Subscriber], *, announce: bool = False
+    ) -> None:
+        """Bring buffering sockets of one dialog up to date, then make them live.
+
+        Retries with backoff while the database is unreachable; the sockets keep
+        buffering meanwhile, so nothing routed in the meantime is lost.
+        """
+        pending = [s for s in subs if s.is_open]
+        delay = 0.2
+        while pending:
+            tick_before = self._tick
+            low = min(s.sent_seq for s in pending)
+            try:
+                rows = await self.store.messages_after(dialog_id, low, REPLAY_PAGE)
+            except Exception as exc:
+                if not self.store.is_unavailable(exc):
+                    log.exception("catch-up of dialog %d failed; closing its sockets", dialog_id)
+                    for sub in pending:
+                        sub.close(1011, "internal error, resume with since")
+                    return
+                log.warning("catch-up of dialog %d waits for the database (%s)", dialog_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                pending = [s for s in pending if s.is_open]
+                continue
+            delay = 0.2
+            for seq, payload in rows:
+                frame = text_frame(payload)
+                for sub in pending:
+                    if seq == sub.sent_seq + 1 and sub.write_frame(frame):
+                        sub.sent_seq = seq
+                        self.stats.frames_replayed += 1
+            if len(rows) == REPLAY_PAGE:
+                # A long history: let the sockets drain before the next page.
+                await asyncio.gather(*(s.drained() for s in pending if s.is_open))
+                pending = [s for s in pending if s.is_open]
+                continue
+            # The database had nothing newer when the query ran. Drain the buffers: no await
+            # from here to "live", so no routed frame can fall between the two.
+            still: list[Subscriber] = []
+            for sub in pending:
+                if not sub.is_open:
+                    continue
+                if self._drain_buffer(sub, tick_before):
+                    sub.buffer = None
+                    if announce:
+                        sub.write_frame(ready_frame(dialog_id, sub.sent_seq))
+                else:
+                    still.append(sub)
+            pending = still
+
+    def _drain_buffer(self, sub: Subscriber, tick_before: int) -> bool:
+        """Write buffered frames in order; False if a gap remains (read the database again)."""
+        buffer = sub.buffer or []
+        for index, (tick, seq, frame) in enumerate(buffer):
+            expected = sub.sent_seq + 1
+            if seq < expected:
+                continue
+            if seq == expected:
+                if sub.write_frame(frame):
+                    sub.sent_seq = seq
+                    self.stats.frames_sent += 1
+                continue
+            if tick <= tick_before:
+                # Routed before the query began, so its commit was visible to the query,
+                # yet the database does not have it: not one of our rows (a hand-made NOTIFY).
+                log.warning(
+                    "dropped notification dialog_id=%d seq=%d: not in the database",
+                    sub.dialog_id, seq,
+                )
+                self.stats.bad_notifications += 1
+                continue
+            sub.buffer = buffer[index:]
+            return False
+        return True
+
+    # -- housekeeping ----------------------------------------------------------
+
+    def spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("catch-up failed", exc_info=task.exception())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
