@@ -28,6 +28,7 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     # Tornado's own access log would print full URIs with their tokens: ours replaces it.
     logging.getLogger("tornado.access").disabled = True
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     logging.getLogger("asyncpg").setLevel(max(logging.getLevelName(level), logging.INFO))
 
 

@@ -1,0 +1,251 @@
+"""A dialog socket client that behaves as a browser widget should.
+
+It keeps the last ``seq`` it saw, and when the socket drops (gateway restart,
+network, 1012, 4008) it reconnects with backoff and ``since=<last seq>``, so it
+receives everything it missed and nothing twice. The test suite and
+``replyx bench`` use it; ``replyx.js`` is the same logic for browsers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+log = logging.getLogger("replyx.client")
+
+# Close codes after which reconnecting cannot help: the credential or the dialog is wrong.
+FATAL_CLOSE_CODES = frozenset({4001, 4003, 4004, 4400, 1008, 1009})
+
+
+class DialogClosedError(Exception):
+    """The socket closed for good (a fatal close code, or reconnecting is off)."""
+
+    def __init__(self, code: int | None, reason: str | None) -> None:
+        super().__init__(f"socket closed with {code} {reason or ''}".strip())
+        self.code = code
+        self.reason = reason
+
+
+@dataclass
+class Frame:
+    data: dict[str, Any]
+    received_at: float  # time.time() when read
+
+
+@dataclass
+class DialogClient:
+    """One dialog socket; ``messages`` holds every message frame received, in order.
+
+    :param url: the full ``ws://…/ws/…/dialogs/N?…`` URL, without ``since``.
+    :param resume: reconnect with ``since`` after a drop (a browser widget's behaviour).
+    :param since: start from this seq (``None``: only what arrives from now on).
+    """
+
+    url: str
+    origin: str | None = None
+    resume: bool = True
+    since: int | None = None
+    backoff_initial: float = 0.1
+    backoff_max: float = 5.0
+    on_frame: Callable[[Frame], None] | None = None
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    frames: list[Frame] = field(default_factory=list)
+    close_codes: list[int | None] = field(default_factory=list)
+    connects: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    last_seq: int | None = None
+
+    def __post_init__(self) -> None:
+        self.last_seq = self.since
+        self._conn: WebSocketClientConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._closed_for_good: DialogClosedError | None = None
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def connect(self, timeout: float = 10.0) -> DialogClient:  # noqa: ASYNC109
+        """Open the socket and wait for ``ready``; raise :class:`DialogClosedError` if refused."""
+        self._task = asyncio.ensure_future(self._run())
+        await self.wait_ready(timeout)
+        return self
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        deadline = time.monotonic() + timeout
+        while not self._ready.is_set():
+            if self._closed_for_good is not None:
+                raise self._closed_for_good
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no ready frame within {timeout}s from {self.safe_url}")
+            await self._wait_change(remaining)
+
+    async def close(self) -> None:
+        self._stopping = True
+        if self._conn is not None:
+            self._conn.close()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._task, 5)
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with credential values removed, for messages and logs."""
+        parts = urlsplit(self.url)
+        query = [(k, "…" if "token" in k else v) for k, v in parse_qsl(parts.query)]
+        return urlunsplit(parts._replace(query=urlencode(query)))
+
+    @property
+    def seqs(self) -> list[int]:
+        return [m["seq"] for m in self.messages]
+
+    @property
+    def is_closed_for_good(self) -> bool:
+        return self._closed_for_good is not None
+
+    @property
+    def final_close(self) -> DialogClosedError | None:
+        return self._closed_for_good
+
+    # -- waiting -------------------------------------------------------------------
+
+    async def wait_for_seq(self, seq: int, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Wait until the message with ``seq`` (and so every one before it) has arrived."""
+        await self.wait_until(
+            lambda: self.last_seq is not None and self.last_seq >= seq, timeout,
+            f"seq {seq}",
+        )
+
+    async def wait_for_messages(self, count: int, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        await self.wait_until(lambda: len(self.messages) >= count, timeout, f"{count} messages")
+
+    async def wait_for_frame(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0  # noqa: ASYNC109
+    ) -> dict[str, Any]:
+        found: list[dict[str, Any]] = []
+
+        def check() -> bool:
+            for frame in self.frames:
+                if predicate(frame.data):
+                    found.append(frame.data)
+                    return True
+            return False
+
+        await self.wait_until(check, timeout, "a matching frame")
+        return found[0]
+
+    async def wait_closed(self, timeout: float = 10.0) -> int | None:  # noqa: ASYNC109
+        """Wait for the current connection to close; return its close code."""
+        count = len(self.close_codes)
+        await self.wait_until(lambda: len(self.close_codes) > count, timeout, "a close")
+        return self.close_codes[-1]
+
+    async def wait_until(
+        self, condition: Callable[[], bool], timeout: float, what: str  # noqa: ASYNC109
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self._closed_for_good is not None and not condition():
+                raise self._closed_for_good
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"{self.safe_url}: waited {timeout}s for {what}; have seqs"
+                    f" {self.seqs[-10:]} (last {self.last_seq}), closes {self.close_codes}"
+                )
+            await self._wait_change(remaining)
+
+    async def _wait_change(self, timeout: float) -> None:  # noqa: ASYNC109
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    # -- the connection loop -----------------------------------------------------
+
+    def _request(self) -> HTTPRequest:
+        url = self.url
+        if self.last_seq is not None:
+            url += ("&" if "?" in url else "?") + f"since={self.last_seq}"
+        headers = {"Origin": self.origin} if self.origin else None
+        return HTTPRequest(url, headers=headers, connect_timeout=5, request_timeout=10)
+
+    async def _run(self) -> None:
+        delay = self.backoff_initial
+        while not self._stopping:
+            try:
+                self._conn = await websocket_connect(self._request(), ping_interval=None)
+            except (OSError, HTTPClientError, TimeoutError) as exc:
+                if not self.resume:
+                    self._closed_for_good = DialogClosedError(None, str(exc))
+                    self._notify()
+                    return
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, self.backoff_max)
+                continue
+            self.connects += 1
+            self._ready.clear()
+            got_ready = await self._read(self._conn)
+            if got_ready:
+                delay = self.backoff_initial
+            code = self._conn.close_code
+            self.close_codes.append(code)
+            self._ready.clear()
+            self._notify()
+            if self._stopping:
+                return
+            if not self.resume or code in FATAL_CLOSE_CODES:
+                self._closed_for_good = DialogClosedError(code, self._conn.close_reason)
+                self._notify()
+                return
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.backoff_max)
+
+    async def _read(self, conn: WebSocketClientConnection) -> bool:
+        got_ready = False
+        while True:
+            raw = await conn.read_message()
+            if raw is None:
+                return got_ready
+            data = orjson.loads(raw)
+            frame = Frame(data, time.time())
+            self.frames.append(frame)
+            kind = data.get("type")
+            if kind == "message":
+                seq = data["seq"]
+                if self.last_seq is not None and seq <= self.last_seq:
+                    self.duplicates += 1
+                else:
+                    if self.last_seq is not None and seq != self.last_seq + 1:
+                        self.gaps += 1
+                    self.messages.append(data)
+                    self.last_seq = seq
+            elif kind == "ready":
+                got_ready = True
+                if self.last_seq is None:
+                    self.last_seq = data["last_seq"]
+                self._ready.set()
+            if self.on_frame is not None:
+                self.on_frame(frame)
+            self._notify()
+
+    async def send(self, value: dict[str, Any]) -> None:
+        assert self._conn is not None
+        await self._conn.write_message(orjson.dumps(value).decode())

@@ -1,0 +1,185 @@
+"""The backend and the gateway in-process, on free ports, on the test's event loop."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+import pytest
+import tornado.netutil
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+
+from backend.app import build_application
+from backend.db import Database
+from replyx.client import DialogClient
+from replyx.config import Settings
+from tests.fix_db import Tenant
+from ws_gateway.app import Gateway
+
+
+@dataclass
+class Response:
+    code: int
+    body: Any
+    headers: Any
+
+
+class Api:
+    """A JSON client for the backend's HTTP API."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.http = AsyncHTTPClient()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        token: str | None = None,
+    ) -> Response:
+        headers = dict(headers or {})
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
+        if data is None and method in ("POST", "PUT"):
+            data = b""
+        response = await self.http.fetch(
+            HTTPRequest(self.base + path, method=method, body=data, headers=headers,
+                        request_timeout=30),
+            raise_error=False,
+        )
+        text = response.body or b""
+        try:
+            parsed = orjson.loads(text) if text else None
+        except orjson.JSONDecodeError:
+            parsed = text.decode(errors="replace")
+        return Response(response.code, parsed, response.headers)
+
+    async def site_dialog(self, tenant: Tenant) -> int:
+        r = await self.request("POST", f"/api/site/dialogs?site_token={quote(tenant.site_token)}")
+        assert r.code == 201, r.body
+        return r.body["dialog_id"]
+
+    async def widget_dialog(self, tenant: Tenant, origin: str | None = None) -> tuple[int, str]:
+        r = await self.request(
+            "POST", "/api/widget/dialogs", {"assistant_id": tenant.assistant_id},
+            headers={"Origin": origin or tenant.domains[0]},
+        )
+        assert r.code == 201, r.body
+        return r.body["dialog_id"], r.body["guest_token"]
+
+    async def post_site(self, tenant: Tenant, dialog_id: int, text: str) -> dict[str, Any]:
+        r = await self.request(
+            "POST", f"/api/site/dialogs/{dialog_id}/messages?site_token={quote(tenant.site_token)}",
+            {"text": text},
+        )
+        assert r.code == 201, r.body
+        return r.body
+
+    async def post_operator(self, tenant: Tenant, dialog_id: int, text: str) -> dict[str, Any]:
+        r = await self.request(
+            "POST", f"/api/dialogs/{dialog_id}/messages", {"text": text}, token=tenant.token
+        )
+        assert r.code == 201, r.body
+        return r.body
+
+    async def post_widget(self, dialog_id: int, guest_token: str, text: str) -> dict[str, Any]:
+        r = await self.request(
+            "POST", f"/api/widget/dialogs/{dialog_id}/messages", {"text": text}, token=guest_token
+        )
+        assert r.code == 201, r.body
+        return r.body
+
+
+class Sockets:
+    """URLs of the three endpoints of one gateway, and clients on them."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.clients: list[DialogClient] = []
+
+    def admin_url(self, tenant: Tenant, dialog_id: int | str) -> str:
+        return f"{self.base}/ws/dialogs/{dialog_id}?token={quote(tenant.token)}"
+
+    def site_url(self, tenant: Tenant, dialog_id: int | str) -> str:
+        return f"{self.base}/ws/site/dialogs/{dialog_id}?site_token={quote(tenant.site_token)}"
+
+    def widget_url(
+        self, tenant: Tenant, dialog_id: int | str, guest_token: str, **extra: str
+    ) -> str:
+        url = (f"{self.base}/ws/widget/dialogs/{dialog_id}?assistant_id={tenant.assistant_id}"
+               f"&guest_token={quote(guest_token)}")
+        for key, value in extra.items():
+            url += f"&{key}={quote(value)}"
+        return url
+
+    async def open(self, url: str, **kwargs: Any) -> DialogClient:
+        client = DialogClient(url, **kwargs)
+        self.clients.append(client)
+        return await client.connect()
+
+    async def refused(self, url: str, origin: str | None = None) -> int | None:
+        """Open a socket expected to be refused; return its close code."""
+        client = DialogClient(url, origin=origin, resume=False)
+        self.clients.append(client)
+        try:
+            await client.connect()
+        except Exception as exc:
+            return getattr(exc, "code", None)
+        raise AssertionError(f"{client.safe_url} was accepted")
+
+    async def close_all(self) -> None:
+        for client in self.clients:
+            await client.close()
+
+
+def start_backend(io_loop: IOLoop, settings: Settings, database_url: str) -> tuple[str, Any]:
+    db = Database(database_url)
+    app = build_application(settings, db, settings.jwt_secret())
+    server = HTTPServer(app)
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+
+    def stop() -> None:
+        server.stop()
+        io_loop.run_sync(server.close_all_connections)
+        io_loop.run_sync(db.dispose)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+def start_gateway(io_loop: IOLoop, settings: Settings, database_url: str) -> Gateway:
+    gateway = Gateway(settings, database_url)
+    io_loop.run_sync(lambda: gateway.start(port=0, host="127.0.0.1"))
+    return gateway
+
+
+@pytest.fixture
+def api(io_loop: IOLoop, settings: Settings, database_url: str) -> Iterator[Api]:
+    base, stop = start_backend(io_loop, settings, database_url)
+    yield Api(base)
+    stop()
+
+
+@pytest.fixture
+def gateway(io_loop: IOLoop, settings: Settings, database_url: str) -> Iterator[Gateway]:
+    gw = start_gateway(io_loop, settings, database_url)
+    yield gw
+    io_loop.run_sync(gw.stop, timeout=30)
+
+
+@pytest.fixture
+def sockets(io_loop: IOLoop, gateway: Gateway) -> Iterator[Sockets]:
+    s = Sockets(f"ws://127.0.0.1:{gateway.port}")
+    yield s
+    io_loop.run_sync(s.close_all, timeout=30)

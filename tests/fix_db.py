@@ -1,0 +1,134 @@
+"""The database under test: a fresh one per session, migrated to head.
+
+With ``DATABASE_URL`` set, a new database ``replyx_test_<random>`` is created on that
+server and dropped afterwards. Without it, an embedded Postgres (pgserver's binaries)
+is started in a temporary directory, so no test is ever skipped for want of a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import secrets
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+
+from backend import store
+from backend.db import Database
+from replyx import schema, security
+from replyx.config import Settings
+from replyx.pg import EmbeddedPostgres, libpq_url
+
+T = TypeVar("T")
+
+TEST_JWT_SECRET = "test-secret-" + "x" * 40
+
+
+def run_async(work: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine to completion on a private loop in a worker thread.
+
+    Sync fixtures use it, so they never disturb the event loop a test runs on.
+    """
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(work())).result()
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = os.environ.get("DATABASE_URL")
+    if server:
+        name = f"replyx_test_{secrets.token_hex(4)}"
+        admin = libpq_url(server)
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = _with_database(admin, name)
+        schema.upgrade(url)
+        yield url
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    else:
+        embedded = EmbeddedPostgres(tmp_path_factory.mktemp("embedded"))
+        url = embedded.ensure_running()
+        schema.upgrade(url)
+        yield url
+        embedded.stop()
+
+
+@pytest.fixture
+def sql(database_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit psycopg connection, for what an operator would type in psql."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        yield conn
+
+
+def make_settings(data_dir: Path, **env: str) -> Settings:
+    base = {
+        "REPLYX_DATA_DIR": str(data_dir),
+        "REPLYX_JWT_SECRET": TEST_JWT_SECRET,
+        "REPLYX_PROBE_INTERVAL": "0.5",
+        "REPLYX_PROBE_TIMEOUT": "1.0",
+        "REPLYX_BACKOFF_MAX": "2",
+        "REPLYX_LOG_LEVEL": "INFO",
+    }
+    base.update(env)
+    return Settings.from_environ(base)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path / "var")
+
+
+@dataclass
+class Tenant:
+    """An operator with one assistant: everything a test needs to open sockets."""
+
+    user_id: int
+    email: str
+    password: str
+    token: str
+    assistant_id: int
+    site_token: str
+    domains: list[str]
+
+
+def create_tenant(database_url: str, domains: list[str] | None = None) -> Tenant:
+    domains = domains or ["https://shop.example"]
+    email = f"op-{secrets.token_hex(6)}@example.com"
+    password = secrets.token_urlsafe(12)
+
+    async def work() -> Tenant:
+        db = Database(database_url, pool_size=1, max_overflow=0)
+        try:
+            async with db.session() as session:
+                user_id = await store.create_user(session, email, password)
+                assistant = await store.create_assistant(session, user_id, "Assistant", domains)
+        finally:
+            await db.dispose()
+        token = security.issue_operator_token(user_id, TEST_JWT_SECRET.encode(), 3600)
+        return Tenant(user_id, email, password, token, assistant.assistant_id,
+                      assistant.site_token, domains)
+
+    return run_async(work)
+
+
+@pytest.fixture
+def tenant(database_url: str) -> Tenant:
+    return create_tenant(database_url)
+
+
+@pytest.fixture
+def make_tenant(database_url: str) -> Callable[..., Tenant]:
+    return lambda domains=None: create_tenant(database_url, domains)

@@ -1,0 +1,174 @@
+"""The real stack: ``replyx run`` as a subprocess (supervisord, gunicorn with 4 workers,
+the gateway, nginx when installed) on free ports, against the test database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fix_db import TEST_JWT_SECRET
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if http_status(url) == status:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer {status} within {timeout}s")
+
+
+class Stack:
+    """One ``replyx run`` with its own data dir and ports."""
+
+    def __init__(self, data_dir: Path, database_url: str | None, **env: str) -> None:
+        self.data_dir = data_dir
+        self.backend_port = free_port()
+        self.gateway_port = free_port()
+        self.nginx_port = free_port()
+        self.env = {
+            **os.environ,
+            "REPLYX_DATA_DIR": str(data_dir),
+            "REPLYX_JWT_SECRET": TEST_JWT_SECRET,
+            "BACKEND_PORT": str(self.backend_port),
+            "GATEWAY_PORT": str(self.gateway_port),
+            "NGINX_PORT": str(self.nginx_port),
+            "REPLYX_LOG_LEVEL": "INFO",
+            "REPLYX_PROBE_INTERVAL": "0.5",
+            "REPLYX_PROBE_TIMEOUT": "1.0",
+            **env,
+        }
+        if database_url is None:
+            self.env.pop("DATABASE_URL", None)
+        else:
+            self.env["DATABASE_URL"] = database_url
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.backend_port}"
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def nginx(self) -> str:
+        return f"http://127.0.0.1:{self.nginx_port}"
+
+    def start(self, *args: str, timeout: float = 90.0) -> Stack:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.output = open(self.data_dir / "replyx-run.out", "wb")
+        self.proc = subprocess.Popen(
+            [str(BIN / "replyx"), "run", *args],
+            env=self.env, stdout=self.output, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                raise RuntimeError(f"replyx run exited {code}:\n{self.run_output()}")
+            # `replyx run` prints its banner once both /health answer 200.
+            if "Ctrl-C stops everything." in self.run_output():
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stack not healthy in {timeout}s:\n{self.run_output()}")
+            time.sleep(0.2)
+        return self
+
+    def healthy(self) -> bool:
+        return (
+            http_status(self.api + "/health") == 200
+            and http_status(self.gateway + "/health") == 200
+        )
+
+    def run_output(self) -> str:
+        path = self.data_dir / "replyx-run.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def log(self, name: str) -> str:
+        path = self.data_dir / "log" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def ctl(self, *args: str, check: bool = True) -> str:
+        result = subprocess.run(
+            [str(BIN / "replyx"), "ctl", *args], env=self.env, capture_output=True, text=True,
+            timeout=60, check=False,
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(f"replyx ctl {' '.join(args)}: {result.stdout}{result.stderr}")
+        return result.stdout
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "replyx"), *args], env=self.env, capture_output=True, text=True,
+            timeout=120, check=False,
+        )
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        finally:
+            self.output.close()
+
+
+@pytest.fixture
+def make_stack(
+    tmp_path: Path, database_url: str
+) -> Iterator[Callable[..., Stack]]:
+    stacks: list[Stack] = []
+
+    def make(*args: str, embedded: bool = False, **env: str) -> Stack:
+        stack = Stack(tmp_path / f"stack{len(stacks)}", None if embedded else database_url, **env)
+        stacks.append(stack)
+        return stack.start(*args)
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[Stack]:
+    """A stack shared by a module's tests that leave it as they found it."""
+    s = Stack(tmp_path_factory.mktemp("stack"), database_url).start("--no-demo")
+    yield s
+    s.stop()

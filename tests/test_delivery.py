@@ -1,0 +1,168 @@
+"""The seed's scenarios against the real gateway and backend apps (in-process, real Postgres)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.fix_apps import Api, Sockets
+from tests.fix_db import Tenant
+
+INSERT = "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, %s, %s)"
+
+
+def texts(messages: list[dict[str, Any]]) -> list[str]:
+    return [m["text"] for m in messages]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_admin_and_widget_both_receive_visitor_and_operator(
+    api: Api, sockets: Sockets, tenant: Tenant
+) -> None:
+    dialog_id, guest = await api.widget_dialog(tenant)
+    admin = await sockets.open(sockets.admin_url(tenant, dialog_id))
+    widget = await sockets.open(sockets.widget_url(tenant, dialog_id, guest),
+                                origin=tenant.domains[0])
+
+    visitor = await api.post_widget(dialog_id, guest, "Hello, is anyone there?")
+    operator = await api.post_operator(tenant, dialog_id, "Hi! How can I help?")
+
+    for client in (admin, widget):
+        await client.wait_for_seq(2)
+        assert client.messages == [visitor, operator]
+        assert [m["sender"] for m in client.messages] == ["visitor", "operator"]
+        assert client.duplicates == 0 and client.gaps == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_three_sites_in_parallel_get_only_their_own(
+    api: Api, sockets: Sockets, make_tenant: Any
+) -> None:
+    tenants = [make_tenant() for _ in range(3)]
+    dialogs = [await api.site_dialog(t) for t in tenants]
+    pairs = list(zip(tenants, dialogs, strict=True))
+    clients = [await sockets.open(sockets.site_url(t, d)) for t, d in pairs]
+
+    async def talk(tenant: Tenant, dialog_id: int) -> None:
+        for i in range(10):
+            await api.post_site(tenant, dialog_id, f"site {dialog_id} message {i}")
+
+    await asyncio.gather(*(talk(t, d) for t, d in pairs))
+    for client, dialog_id in zip(clients, dialogs, strict=True):
+        await client.wait_for_seq(10)
+        assert client.seqs == list(range(1, 11))
+        assert {m["dialog_id"] for m in client.messages} == {dialog_id}
+        assert texts(client.messages) == [f"site {dialog_id} message {i}" for i in range(10)]
+    await asyncio.sleep(0.2)
+    assert [len(c.messages) for c in clients] == [10, 10, 10]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_psql_insert_is_delivered(
+    api: Api, sockets: Sockets, tenant: Tenant, sql: psycopg.Connection[Any]
+) -> None:
+    dialog_id = await api.site_dialog(tenant)
+    admin = await sockets.open(sockets.admin_url(tenant, dialog_id))
+    sql.execute(INSERT, (dialog_id, "system", "typed by hand in psql"))
+    await admin.wait_for_seq(1)
+    assert admin.messages[0]["text"] == "typed by hand in psql"
+    assert admin.messages[0]["sender"] == "system"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_rolled_back_insert_is_never_delivered_and_leaves_no_hole(
+    api: Api, sockets: Sockets, tenant: Tenant, database_url: str, sql: psycopg.Connection[Any]
+) -> None:
+    dialog_id = await api.site_dialog(tenant)
+    admin = await sockets.open(sockets.admin_url(tenant, dialog_id))
+    with psycopg.connect(database_url) as conn:
+        conn.execute(INSERT, (dialog_id, "visitor", "rolled back"))
+        conn.rollback()
+    after = await api.post_site(tenant, dialog_id, "committed")
+    await admin.wait_for_seq(1)
+    await asyncio.sleep(0.3)
+    assert admin.messages == [after]
+    assert after["seq"] == 1
+    assert "rolled back" not in texts(admin.messages)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_message_committed_right_after_ready_is_not_missed(
+    api: Api, sockets: Sockets, tenant: Tenant, sql: psycopg.Connection[Any]
+) -> None:
+    dialog_id = await api.site_dialog(tenant)
+    for round_ in range(20):
+        client = await sockets.open(sockets.site_url(tenant, dialog_id))
+        sql.execute(INSERT, (dialog_id, "visitor", f"right after ready {round_}"))
+        await client.wait_for_seq(round_ + 1, timeout=5)
+        assert client.messages[-1]["text"] == f"right after ready {round_}"
+        await client.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_since_replays_then_goes_live_without_duplicates(
+    api: Api, sockets: Sockets, tenant: Tenant, sql: psycopg.Connection[Any]
+) -> None:
+    dialog_id = await api.site_dialog(tenant)
+    for i in range(5):
+        await api.post_site(tenant, dialog_id, f"old {i}")
+    client = await sockets.open(sockets.admin_url(tenant, dialog_id), since=2)
+    assert client.seqs == [3, 4, 5]
+    ready = next(f.data for f in client.frames if f.data["type"] == "ready")
+    assert ready == {"type": "ready", "dialog_id": dialog_id, "last_seq": 5}
+    # ready comes after the replay, and only once
+    kinds = [f.data["type"] for f in client.frames]
+    assert kinds == ["message", "message", "message", "ready"]
+    await api.post_site(tenant, dialog_id, "new")
+    await client.wait_for_seq(6)
+    assert client.seqs == [3, 4, 5, 6]
+    assert client.duplicates == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_without_since_the_socket_starts_at_the_current_seq(
+    api: Api, sockets: Sockets, tenant: Tenant
+) -> None:
+    dialog_id = await api.site_dialog(tenant)
+    await api.post_site(tenant, dialog_id, "before")
+    client = await sockets.open(sockets.site_url(tenant, dialog_id))
+    assert client.messages == []
+    assert client.frames[0].data["last_seq"] == 1
+    await api.post_site(tenant, dialog_id, "after")
+    await client.wait_for_seq(2)
+    assert texts(client.messages) == ["after"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_typing_is_ephemeral(api: Api, sockets: Sockets, tenant: Tenant) -> None:
+    dialog_id, guest = await api.widget_dialog(tenant)
+    admin = await sockets.open(sockets.admin_url(tenant, dialog_id))
+    r = await api.request("POST", f"/api/widget/dialogs/{dialog_id}/typing", token=guest)
+    assert r.code == 204
+    frame = await admin.wait_for_frame(lambda f: f["type"] == "typing")
+    assert frame == {"type": "typing", "dialog_id": dialog_id, "sender": "visitor"}
+    history = await api.request("GET", f"/api/dialogs/{dialog_id}/messages", token=tenant.token)
+    assert history.body["messages"] == []
+    # A typing event carries no seq and does not move the dialog's sequence.
+    message = await api.post_widget(dialog_id, guest, "first real message")
+    assert message["seq"] == 1
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_large_message_is_delivered_whole(
+    api: Api, sockets: Sockets, tenant: Tenant, sql: psycopg.Connection[Any]
+) -> None:
+    dialog_id = await api.site_dialog(tenant)
+    admin = await sockets.open(sockets.admin_url(tenant, dialog_id))
+    text = "Привет, мир! " * 2800  # multi-byte UTF-8, over 8000 bytes
+    assert len(text.encode()) > 60_000
+    posted = await api.post_site(tenant, dialog_id, text[:20_000])
+    sql.execute(INSERT, (dialog_id, "system", text))
+    small = await api.post_site(tenant, dialog_id, "small after big")
+    await admin.wait_for_seq(3)
+    assert admin.messages[0] == posted
+    assert admin.messages[1]["text"] == text
+    assert admin.messages[2] == small

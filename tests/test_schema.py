@@ -1,0 +1,193 @@
+"""The database does the ordering: seq per dialog, gap-free, in commit order, NOTIFY on commit."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from replyx import schema
+from replyx.config import Settings
+from tests.fix_db import Tenant, run_async
+
+
+def new_dialog(sql: psycopg.Connection[Any], tenant: Tenant, channel: str = "site") -> int:
+    row = sql.execute(
+        "INSERT INTO dialogs (assistant_id, channel) VALUES (%s, %s) RETURNING id",
+        (tenant.assistant_id, channel),
+    ).fetchone()
+    assert row is not None
+    return row[0]
+
+
+INSERT = "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, %s, %s)"
+INSERT_SEQ = "INSERT INTO messages (dialog_id, seq, sender, text) VALUES (%s, %s, 'visitor', 'x')"
+
+
+def seqs(sql: psycopg.Connection[Any], dialog_id: int) -> list[int]:
+    rows = sql.execute(
+        "SELECT seq FROM messages WHERE dialog_id = %s ORDER BY seq", (dialog_id,)
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_seq_is_assigned_per_dialog(sql: psycopg.Connection[Any], tenant: Tenant) -> None:
+    a, b = new_dialog(sql, tenant), new_dialog(sql, tenant)
+    for dialog in (a, b, a, a, b):
+        sql.execute(
+            "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, 'visitor', 'x')", (dialog,)
+        )
+    assert seqs(sql, a) == [1, 2, 3]
+    assert seqs(sql, b) == [1, 2]
+    assert sql.execute("SELECT last_seq FROM dialogs WHERE id = %s", (a,)).fetchone() == (3,)
+
+
+def test_rollback_leaves_no_hole(sql: psycopg.Connection[Any], database_url: str,
+                                 tenant: Tenant) -> None:
+    dialog = new_dialog(sql, tenant)
+    sql.execute("INSERT INTO messages (dialog_id, sender, text) VALUES (%s, 'visitor', '1')",
+                (dialog,))
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO messages (dialog_id, sender, text) VALUES (%s, 'visitor', 'no')",
+                     (dialog,))
+        conn.rollback()
+    sql.execute("INSERT INTO messages (dialog_id, sender, text) VALUES (%s, 'visitor', '2')",
+                (dialog,))
+    assert seqs(sql, dialog) == [1, 2]
+
+
+def test_explicit_wrong_seq_is_refused(sql: psycopg.Connection[Any], tenant: Tenant) -> None:
+    dialog = new_dialog(sql, tenant)
+    with pytest.raises(psycopg.errors.CheckViolation, match="assigned by the database"):
+        sql.execute(INSERT_SEQ, (dialog, 7))
+    sql.execute(INSERT_SEQ, (dialog, 1))
+    with pytest.raises(psycopg.errors.CheckViolation):
+        sql.execute("UPDATE messages SET seq = 5 WHERE dialog_id = %s", (dialog,))
+    assert seqs(sql, dialog) == [1]
+
+
+def test_concurrent_writers_get_commit_ordered_seqs(
+    database_url: str, sql: psycopg.Connection[Any], tenant: Tenant
+) -> None:
+    """Many transactions on one dialog at once: seq order is commit order, no holes."""
+    dialog = new_dialog(sql, tenant)
+    committed: list[tuple[float, int]] = []
+    lock = threading.Lock()
+
+    def writer(n: int) -> None:
+        with psycopg.connect(database_url) as conn:
+            for i in range(10):
+                row = conn.execute(
+                    "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, 'visitor', %s)"
+                    " RETURNING seq", (dialog, f"{n}-{i}"),
+                ).fetchone()
+                if i % 3 == 0:
+                    conn.rollback()
+                    continue
+                conn.commit()
+                with lock:
+                    committed.append((time.monotonic(), row[0]))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stored = seqs(sql, dialog)
+    assert stored == list(range(1, len(committed) + 1))
+
+
+def test_notify_fires_on_commit_only_for_any_writer(
+    database_url: str, sql: psycopg.Connection[Any], tenant: Tenant
+) -> None:
+    """A psql-style INSERT notifies on commit; a rolled-back one never does."""
+    dialog = new_dialog(sql, tenant)
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {schema.CHANNEL}")
+        with psycopg.connect(database_url) as writer:
+            writer.execute(INSERT, (dialog, "system", "gone"))
+            writer.rollback()
+            writer.execute(INSERT, (dialog, "system", "kept"))
+            writer.commit()
+        payloads = [n.payload for n in listener.notifies(timeout=2, stop_after=1)]
+        assert len(payloads) == 1
+        assert '"text":"kept"' in payloads[0]
+        assert f'"dialog_id":{dialog},"seq":1,' in payloads[0]
+        assert list(listener.notifies(timeout=0.3)) == []
+
+
+def test_message_json_is_the_frame(sql: psycopg.Connection[Any], tenant: Tenant) -> None:
+    dialog = new_dialog(sql, tenant)
+    text = 'quotes " backslash \\ newline \n emoji 😀 tab \t'
+    row = sql.execute(
+        "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, 'visitor', %s)"
+        " RETURNING replyx_message_json(messages)", (dialog, text),
+    ).fetchone()
+    import orjson
+
+    frame = orjson.loads(row[0])
+    assert list(frame) == ["type", "dialog_id", "seq", "id", "sender", "text", "created_at"]
+    assert frame["text"] == text
+    assert frame["created_at"].endswith("Z")
+
+
+def test_big_message_notifies_a_reference(
+    database_url: str, sql: psycopg.Connection[Any], tenant: Tenant
+) -> None:
+    dialog = new_dialog(sql, tenant)
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {schema.CHANNEL}")
+        sql.execute("INSERT INTO messages (dialog_id, sender, text) VALUES (%s, 'visitor', %s)",
+                    (dialog, "ж" * 30_000))
+        payload = next(iter(listener.notifies(timeout=2, stop_after=1))).payload
+    assert payload.startswith('{"type":"message_ref"')
+    assert len(payload.encode()) < 8000
+
+
+def test_processes_refuse_a_schema_not_at_head(tmp_path, database_url: str) -> None:
+    """Backend and gateway refuse to start on an unmigrated database and name the fix."""
+    import secrets
+    from urllib.parse import urlsplit, urlunsplit
+
+    from backend.app import make_app
+    from tests.fix_db import make_settings
+    from ws_gateway.app import Gateway
+
+    name = f"replyx_empty_{secrets.token_hex(3)}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    empty = urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
+    try:
+        settings: Settings = make_settings(tmp_path)
+        with pytest.raises(schema.SchemaMismatchError, match="run `replyx migrate`"):
+            make_app(settings, database_url=empty)
+        with pytest.raises(schema.SchemaMismatchError, match="run `replyx migrate`"):
+            run_async(lambda: Gateway(settings, empty).start(port=0))
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def test_migrations_downgrade_and_upgrade_again(tmp_path, database_url: str) -> None:
+    import secrets
+    from urllib.parse import urlsplit, urlunsplit
+
+    from alembic import command
+
+    name = f"replyx_mig_{secrets.token_hex(3)}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
+    try:
+        schema.upgrade(url)
+        assert schema.current_revision(url) == schema.head_revision()
+        command.downgrade(schema.alembic_config(url), "base")
+        assert schema.current_revision(url) is None
+        schema.upgrade(url)
+        assert schema.current_revision(url) == schema.head_revision()
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
