@@ -9,6 +9,10 @@ import os
 bind = f"{os.environ.get('REPLYX_HOST', '127.0.0.1')}:{os.environ.get('BACKEND_PORT', '8000')}"
 workers = int(os.environ.get("BACKEND_WORKERS", "4"))
 worker_class = "tornado"
+# Each worker binds its own SO_REUSEPORT socket and the kernel spreads new connections
+# across them. With one shared socket, the first tornado worker to wake accepts a whole
+# burst (it accepts up to 128 connections per wake-up) and the other three sit idle.
+reuse_port = True
 proc_name = "replyx-backend"
 # Keep-alive connections from nginx; idle ones are closed after this many seconds.
 keepalive = 75
