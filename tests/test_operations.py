@@ -377,6 +377,12 @@ async def test_logs_are_grep_able_under_the_data_dir_and_carry_no_token(
     assert await sockets.refused(sockets.widget_url(tenant, dialog_id, guest),
                                  origin="https://evil.example") == 4003
     await api.post_widget(dialog_id, guest, "log me")
+    # Tornado's own warnings quote the request URI: tokens in it must not reach the log.
+    code, _ = await fetch_text(f"{ops.gateway}/api/debug/websocket/sync?dialog_id=x"
+                               f"&token={tenant.token}")
+    assert code == 400
+    response = await api.request("PUT", f"/api/dialogs?token={tenant.token}", {})
+    assert response.code == 405
     await admin.wait_for_seq(1)
     await widget.wait_for_seq(1)
     await sockets.close_all()
@@ -389,10 +395,12 @@ async def test_logs_are_grep_able_under_the_data_dir_and_carry_no_token(
             rf"\[Widget\] WEBSOCKET_4003_ERROR refused dialog_id={dialog_id} code=4003",
             rf"\[Admin\] disconnected dialog_id={dialog_id} code=\S+",
             rf"\[Widget\] disconnected dialog_id={dialog_id} code=\S+",
+            r"400 GET /api/debug/websocket/sync\?dialog_id=…&token=… ",
         ],
         "backend": [
             rf"POST /api/widget/dialogs/{dialog_id}/messages ",
             r"Booting worker with pid",  # gunicorn's own lines land here too
+            r"405 PUT /api/dialogs\?token=… ",
         ],
     }
     deadline = time.monotonic() + 15
@@ -514,5 +522,19 @@ def test_admin_and_widget_pages_in_chromium_see_every_message_across_a_gateway_r
                 # The gateway closed them with 1012 "restarting, resume with since".
                 assert 1012 in page.evaluate("window.replyxDialog.closeCodes")
             assert errors == []
+            credentials = [
+                admin.evaluate("sessionStorage.getItem('replyx.operator_token')"),
+                widget.evaluate(f"JSON.parse(localStorage.getItem('replyx.widget.{tenant.assistant_id}'))"
+                                ".guest_token"),
+            ]
         finally:
             browser.close()
+
+    # While the gateway was down nginx logged each failed upstream connect, quoting the
+    # request line; the query values were cut before the line reached log/nginx.log.
+    assert "connect() failed" in logs(ops, "nginx")
+    assert "guest_token=…" in logs(ops, "nginx")
+    for path in (ops.data_dir / "log").iterdir():
+        text = path.read_text(errors="replace")
+        for credential in credentials:
+            assert credential and credential not in text, path
