@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import xmlrpc.client
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -86,12 +86,12 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{r.status.upper():4}  {r.name:{width}}  {r.detail}")
             if r.status == FAIL and r.hint:
                 print(f"{'':4}  {'':{width}}  hint: {r.hint}")
+        skipped = sum(r.status == SKIP for r in results)
         if failed:
             print(f"replyx check: {len(failed)} of {len(results)} checks failed")
         else:
-            print(f"replyx check: all {len(results)} checks passed"
-                  + (f" ({sum(r.status == SKIP for r in results)} skipped)"
-                     if any(r.status == SKIP for r in results) else ""))
+            print(f"replyx check: all {len(results) - skipped} checks passed"
+                  + (f", {skipped} skipped" if skipped else ""))
     sys.stdout.flush()
     return 1 if failed else 0
 
@@ -138,7 +138,7 @@ class Checker:
         else:
             yield Result("nginx", SKIP, "not configured (pass --nginx to check it anyway)")
 
-    def _one(self, name: str, check: Callable[[], str]) -> Iterator[Result]:
+    def _one(self, name: str, check: Callable[[], str]) -> Generator[Result, None, bool]:
         """Run one check; yield its result and return whether it passed."""
         try:
             detail = check()
