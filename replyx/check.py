@@ -411,8 +411,9 @@ class Checker:
         master, note = self._supervised_pid("backend")
         listening = self._listening_pids(port)
         if master is None:
-            # No supervisord. The system-wide table names one holder per socket, which may
-            # be a worker: walk up to the gunicorn master, the first holder of the socket.
+            # No supervisord. A listener on the port is a gunicorn worker (with SO_REUSEPORT
+            # each worker has its own socket) or the master: walk up to the master, the
+            # oldest ancestor that is the same program or holds the socket too.
             if not listening:
                 raise CheckFailed(
                     f"no backend listening on :{port} ({note})",
@@ -420,7 +421,9 @@ class Checker:
                     f" log: {self.log_dir}/backend.log",
                 )
             master = min(listening)
-            while (parent := _ppid(master)) and _holds_listener(parent, port):
+            while (parent := _ppid(master)) and (
+                _same_program(parent, master) or _holds_listener(parent, port)
+            ):
                 master = parent
         try:
             workers = [
@@ -550,6 +553,15 @@ def _holds_listener(pid: int, port: int) -> bool:
         return False
     return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
                for c in conns)
+
+
+def _same_program(a: int, b: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(a).name() == psutil.Process(b).name()
+    except psutil.Error:
+        return False
 
 
 def _ppid(pid: int) -> int | None:
