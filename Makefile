@@ -20,6 +20,7 @@ run: $(STAMP)
 	$(VENV)/bin/replyx run
 
 test: $(STAMP)
+	@bash .ci/system-packages
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 

@@ -7,12 +7,15 @@ engine (and its pool) belongs to one worker's event loop.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import tornado.web
 
+from backend import metrics
 from backend.api import auth, operator, site, widget
 from backend.api.base import NotFoundHandler
 from backend.api.health import HealthHandler
+from backend.api.metrics import MetricsHandler
 from backend.db import Database
 from replyx import logs, schema
 from replyx.config import Settings
@@ -32,6 +35,7 @@ def make_app(
     url = database_url or resolve_database_url(settings.database_url, settings.data_dir)
     schema.ensure_at_head(schema.current_revision(url))
     log.info("backend worker ready, database %s", redact_url(url))
+    metrics.worker_started()
     return build_application(settings, Database(url), settings.jwt_secret())
 
 
@@ -41,6 +45,7 @@ def build_application(
     deps = {"db": db, "config": settings, "jwt_secret": jwt_secret}
     routes = [
         (r"/health", HealthHandler),
+        (r"/metrics", MetricsHandler),
         (r"/api/auth/login", auth.LoginHandler),
         (r"/api/dialogs", operator.DialogsHandler),
         (rf"/api/dialogs/{ID}/messages", operator.MessagesHandler),
@@ -56,9 +61,24 @@ def build_application(
         [(pattern, handler, deps) for pattern, handler in routes],
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
-        log_function=logs.log_request,
+        log_function=_log_and_count(routes),
         serve_traceback=False,
         compress_response=False,
     )
     app.settings["replyx_db"] = db
     return app
+
+
+def _log_and_count(routes: list[tuple[str, type]]) -> Callable[[tornado.web.RequestHandler], None]:
+    """Tornado's ``log_function``: the redacted access line, then the request metrics.
+
+    Requests are labelled with their route pattern (``/api/dialogs/{id}/messages``),
+    never the raw path, so the number of label values stays bounded.
+    """
+    route_of = {handler: pattern.replace(ID, "{id}") for pattern, handler in routes}
+
+    def log_function(handler: tornado.web.RequestHandler) -> None:
+        logs.log_request(handler)
+        metrics.observe(handler, route_of.get(type(handler), metrics.UNMATCHED))
+
+    return log_function

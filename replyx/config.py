@@ -41,6 +41,16 @@ def _port(raw: str) -> int:
     return value
 
 
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError(raw)
+    return value
+
+
+_positive.__name__ = "positive integer"  # how _cast's error message names it
+
+
 def _bool(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -64,6 +74,10 @@ class Settings:
     jwt_ttl_seconds: int = 12 * 3600
     widget_origin: str | None = None
     log_level: str = "INFO"
+    # Processes: gunicorn workers of the backend; rotation of the logs under log_dir.
+    backend_workers: int = 4
+    log_max_bytes: int = 20 * 1024 * 1024
+    log_backups: int = 5
 
     # Gateway tunables.
     listener_probe_interval: float = 1.0
@@ -94,6 +108,9 @@ class Settings:
             "jwt_ttl_seconds": _cast(env, "REPLYX_JWT_TTL", int, 12 * 3600),
             "widget_origin": env.get("REPLYX_WIDGET_ORIGIN") or None,
             "log_level": (env.get("REPLYX_LOG_LEVEL") or "INFO").upper(),
+            "backend_workers": _cast(env, "BACKEND_WORKERS", _positive, 4),
+            "log_max_bytes": _cast(env, "REPLYX_LOG_MAX_BYTES", _positive, 20 * 1024 * 1024),
+            "log_backups": _cast(env, "REPLYX_LOG_BACKUPS", _positive, 5),
             "listener_probe_interval": _cast(env, "REPLYX_PROBE_INTERVAL", float, 1.0),
             "listener_probe_timeout": _cast(env, "REPLYX_PROBE_TIMEOUT", float, 2.0),
             "listener_backoff_max": _cast(env, "REPLYX_BACKOFF_MAX", float, 30.0),
@@ -125,6 +142,15 @@ class Settings:
     @property
     def log_dir(self) -> Path:
         return self.data_dir / "log"
+
+    @property
+    def backend_metrics_dir(self) -> Path:
+        """``PROMETHEUS_MULTIPROC_DIR`` of the backend: one file per gunicorn worker."""
+        return self.data_dir / "metrics" / "backend"
+
+    @property
+    def supervisor_socket(self) -> Path:
+        return self.data_dir / "supervisor.sock"
 
     def jwt_secret(self) -> bytes:
         """The HS256 signing key: ``REPLYX_JWT_SECRET`` or a key kept under the data dir.

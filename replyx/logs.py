@@ -8,6 +8,7 @@ path alone and the names of the query parameters, never their values.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
@@ -19,10 +20,35 @@ FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 access_log = logging.getLogger("replyx.access")
 
+# A query parameter's value in a URI quoted anywhere in a line: `?token=…`, `&since=…`.
+_QUERY_VALUE = re.compile(r"([?&][^=&\s#\"']{1,64}=)[^&\s#\"']*")
+
+
+def redact_query_values(text: str) -> str:
+    """``GET /ws/dialogs/5?token=abc&since=3 (1.2.3.4)`` → ``… ?token=…&since=… (1.2.3.4)``."""
+    if "=" not in text:
+        return text
+    return _QUERY_VALUE.sub(r"\1…", text)
+
+
+class RedactQueries(logging.Filter):
+    """Tornado's own warnings and errors quote the request URI (``400 GET /path?… (ip)``,
+    ``repr(request)`` after an uncaught exception) with its query string, where browsers
+    put their tokens. Those records are rewritten; ours never carry a query string."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("tornado"):
+            message = record.getMessage()
+            redacted = redact_query_values(message)
+            if redacted != message:
+                record.msg, record.args = redacted, None
+        return True
+
 
 def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(RedactQueries())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -43,6 +43,8 @@ def stack_environ(settings: Settings, database_url: str, *, nginx: bool) -> dict
             "REPLYX_NGINX": "true" if nginx else "false",
             "REPLYX_NGINX_BIN": shutil.which("nginx") or "/usr/sbin/nginx",
             "REPLYX_NGINX_CONF": str(settings.data_dir / "nginx" / "nginx.conf"),
+            "REPLYX_LOG_MAX_BYTES": str(settings.log_max_bytes),
+            "REPLYX_LOG_BACKUPS": str(settings.log_backups),
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -184,6 +186,8 @@ def print_banner(settings: Settings, url: str, nginx: bool, demo: bool) -> None:
     lines += [
         f"  health   curl {api}/health ; curl http://{host}:{settings.gateway_port}/health",
         f"  debug    curl http://{host}:{settings.gateway_port}/api/debug/websocket/status",
+        f"  metrics  curl {api}/metrics ; curl http://{host}:{settings.gateway_port}/metrics",
+        "  check    .venv/bin/replyx check      (one line per part of the architecture)",
         "  psql     .venv/bin/replyx psql     then: LISTEN replyx_events;",
         "  control  .venv/bin/replyx ctl status | restart backend | restart gateway",
     ]
@@ -192,5 +196,13 @@ def print_banner(settings: Settings, url: str, nginx: bool, demo: bool) -> None:
 
         tenant = demo_mod.ensure_demo_tenant(settings, url)
         lines += ["", "Try it with the demo tenant:", *demo_mod.try_it_lines(settings, tenant)]
+        if nginx:
+            pages = f"http://{host}:{settings.nginx_port}/demo"
+            lines += [
+                "  # 6. in a browser, side by side: the site widget (it opens a new dialog)",
+                f"  {pages}/widget.html?assistant_id={tenant['assistant_id']}",
+                "  #    and the operator panel: log in as above, pick the widget's dialog",
+                f"  {pages}/admin.html",
+            ]
     lines += ["", "Ctrl-C stops everything.", ""]
     print("\n".join(lines), flush=True)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import tornado.netutil
 import tornado.web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 
@@ -37,6 +38,8 @@ from ws_gateway.store import GatewayStore
 log = logging.getLogger("ws_gateway")
 
 ID = r"([^/]+)"
+#: replyx.js and the demo admin and widget pages, served under /demo/.
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 class Gateway:
@@ -45,6 +48,8 @@ class Gateway:
         self.dsn = libpq_url(database_url)
         self.jwt_secret = settings.jwt_secret()
         self.registry = CollectorRegistry()
+        # process_resident_memory_bytes, process_open_fds, …: memory per socket, fd headroom.
+        ProcessCollector(registry=self.registry)
         self.stats = Stats(self.registry)
         self.limiter = Limiter(
             settings.max_sockets_per_ip, settings.client_msgs_per_second, settings.client_burst
@@ -90,7 +95,13 @@ class Gateway:
             backoff_max=self.settings.listener_backoff_max,
         )
         self.registry.register(
-            StatsCollector(self.stats, self.sockets_by_kind, lambda: self.listener.is_up)
+            StatsCollector(
+                self.stats, self.sockets_by_kind, lambda: self.listener.is_up,
+                dialogs=lambda: len(self.router.channels),
+                queue_length=self.queue.qsize,
+                resyncing=lambda: self.router.resyncing,
+                listener_reconnects=lambda: self.listener.reconnects,
+            )
         )
         self._consumer = asyncio.ensure_future(self._consume())
         await self.listener.start()
@@ -221,6 +232,10 @@ class Gateway:
                 (r"/api/debug/websocket/status", debug.StatusHandler, deps),
                 (r"/api/debug/websocket/sync", debug.SyncHandler, deps),
                 (r"/metrics", debug.MetricsHandler, deps),
+                (r"/ws/health", debug.HealthSocket, deps),
+                (r"/demo", tornado.web.RedirectHandler, {"url": "/demo/"}),
+                (r"/demo/(.*)", tornado.web.StaticFileHandler,
+                 {"path": str(STATIC_DIR), "default_filename": "index.html"}),
             ],
             log_function=logs.log_request,
             websocket_max_message_size=settings.max_inbound_frame,

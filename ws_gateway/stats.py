@@ -15,6 +15,10 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+#: Close codes a handshake can be refused with; exported at 0 until they happen, so that
+#: rate() and alerts work from the first scrape.
+REFUSAL_CODES = ("4001", "4003", "4004", "4400", "1008", "1013")
+
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -47,10 +51,28 @@ class StatsCollector(Collector):
         stats: Stats,
         sockets_by_kind: Callable[[], dict[str, int]],
         listener_up: Callable[[], bool],
+        *,
+        dialogs: Callable[[], int] | None = None,
+        queue_length: Callable[[], int] | None = None,
+        resyncing: Callable[[], int] | None = None,
+        listener_reconnects: Callable[[], int] | None = None,
     ) -> None:
         self.stats = stats
         self.sockets_by_kind = sockets_by_kind
         self.listener_up = listener_up
+        # The listener counts its own reconnects; Stats.listener_reconnects is the fallback.
+        self.listener_reconnects = listener_reconnects or (lambda: stats.listener_reconnects)
+        self.gauges = [
+            (name, doc, read)
+            for name, doc, read in (
+                ("replyx_dialogs_watched", "Dialogs with at least one open socket", dialogs),
+                ("replyx_notification_queue_length",
+                 "Notifications received and not yet routed", queue_length),
+                ("replyx_resyncing_dialogs",
+                 "Dialogs catching up from the database after a listener reconnect", resyncing),
+            )
+            if read is not None
+        ]
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
@@ -64,6 +86,8 @@ class StatsCollector(Collector):
             "replyx_listener_up", "1 while the LISTEN connection is up",
             value=int(self.listener_up()),
         )
+        for name, doc, read in self.gauges:
+            yield GaugeMetricFamily(name, doc, value=read())
         simple = [
             ("replyx_frames_sent", "Frames written to sockets by live fan-out", s.frames_sent),
             ("replyx_frames_replayed", "Frames written while replaying from the database",
@@ -76,7 +100,7 @@ class StatsCollector(Collector):
             ("replyx_slow_consumers_dropped", "Sockets closed with 4008 (buffer overflow)",
              s.slow_consumers_dropped),
             ("replyx_listener_reconnects", "Times the LISTEN connection was re-established",
-             s.listener_reconnects),
+             self.listener_reconnects()),
         ]
         for name, doc, value in simple:
             yield CounterMetricFamily(name, doc, value=value)
@@ -84,6 +108,7 @@ class StatsCollector(Collector):
             "replyx_refused_handshakes", "WebSocket connections refused, by close code",
             labels=["code"],
         )
-        for code, count in sorted(s.refused.items()):
+        counts = dict.fromkeys(REFUSAL_CODES, 0) | s.refused
+        for code, count in sorted(counts.items()):
             refused.add_metric([code], count)
         yield refused

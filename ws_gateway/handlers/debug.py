@@ -1,4 +1,5 @@
-"""The gateway's HTTP side: ``/health``, ``/api/debug/websocket/{status,sync}``, ``/metrics``.
+"""The gateway's HTTP side: ``/health``, ``/api/debug/websocket/{status,sync}``, ``/metrics``,
+and ``/ws/health``, a socket that says how the gateway is and closes (for checks through nginx).
 
 Debug and metrics answer a direct loopback peer without a token. A request
 that came through a proxy (it carries ``X-Forwarded-For`` or ``X-Real-IP``) or
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import tornado.web
+import tornado.websocket
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from replyx import security
@@ -130,3 +132,22 @@ class MetricsHandler(GatewayHTTPHandler):
         self.viewer()
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(generate_latest(self.gateway.registry))
+
+
+class HealthSocket(tornado.websocket.WebSocketHandler):
+    """``/ws/health``: one ``{"type":"health","status":…}`` frame, then close 1000.
+
+    ``replyx check`` opens it through nginx: a real Upgrade on the ``/ws/`` route that
+    reaches the gateway, without a credential and without counting as a refused socket.
+    """
+
+    def initialize(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def check_origin(self, origin: str) -> bool:
+        return True
+
+    def open(self) -> None:
+        status = self.gateway.health()["status"]
+        self.write_message(orjson.dumps({"type": "health", "status": status}).decode())
+        self.close(1000, "health")

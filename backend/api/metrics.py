@@ -1,0 +1,32 @@
+"""``GET /metrics``: the backend's request metrics, summed over all gunicorn workers.
+
+Same rule as the gateway's debug endpoints: a direct loopback peer (no
+``X-Forwarded-For`` / ``X-Real-IP``, so not through nginx) reads it without a
+token; any other caller needs an operator JWT.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from backend import metrics
+from backend.api.base import ApiHandler
+
+
+class MetricsHandler(ApiHandler):
+    def get(self) -> None:
+        if not self.is_direct_loopback():
+            self.operator_id()  # 401 without a valid operator token
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(metrics.exposition())
+
+    def is_direct_loopback(self) -> bool:
+        headers = self.request.headers
+        if "X-Forwarded-For" in headers or "X-Real-IP" in headers:
+            return False
+        try:
+            return ipaddress.ip_address(self.request.remote_ip or "").is_loopback
+        except ValueError:
+            return False

@@ -1,0 +1,72 @@
+"""Request metrics of the backend, summed over its gunicorn workers.
+
+Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` is set (``conf/gunicorn.conf.py``)
+and every worker writes its values to files there; ``/metrics`` answers, from
+whichever worker gets the request, with prometheus-client's
+:class:`MultiProcessCollector` merging all of them. In a single process (the
+in-process test apps) the same metrics are read from :data:`REGISTRY`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+if TYPE_CHECKING:
+    from tornado.web import RequestHandler
+
+REGISTRY = CollectorRegistry()
+
+REQUESTS = Counter(
+    "replyx_backend_requests",
+    "HTTP requests answered by the backend, by method, route and status code",
+    ["method", "route", "code"],
+    registry=REGISTRY,
+)
+DURATION = Histogram(
+    "replyx_backend_request_duration_seconds",
+    "Time from a request's arrival to its response, by method and route",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
+# livesum: each live worker adds 1; gunicorn's child_exit hook removes a dead worker's share.
+WORKERS = Gauge(
+    "replyx_backend_workers",
+    "Backend worker processes serving requests",
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
+)
+
+#: The route label of requests no route matched (bounded label values, whatever the path).
+UNMATCHED = "other"
+
+
+def worker_started() -> None:
+    WORKERS.set(1)
+
+
+def observe(handler: RequestHandler, route: str) -> None:
+    request = handler.request
+    method = request.method or "-"
+    REQUESTS.labels(method, route, str(handler.get_status())).inc()
+    DURATION.labels(method, route).observe(request.request_time())
+
+
+def exposition() -> bytes:
+    """Prometheus text for all workers (multiprocess mode) or this process alone."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)
+    return generate_latest(registry)

@@ -1,0 +1,259 @@
+/*
+ * replyx.js — the ReplyX realtime client for browsers. No dependencies.
+ *
+ * A Dialog is one WebSocket on one dialog. It keeps the last message seq it
+ * delivered, and when the socket drops (gateway restart: 1012, slow client:
+ * 4008, network) it reconnects with backoff and ?since=<last seq>: the gateway
+ * replays what was missed, so every message reaches the page exactly once and
+ * in order. Close codes that no retry can fix (4001 bad token, 4003 origin,
+ * 4004 dialog, 4400, 1008, 1009) end it with a 'closed' event.
+ *
+ *   var dialog = new ReplyX.Dialog({
+ *     url: ReplyX.wsUrl('/ws/widget/dialogs/7', {assistant_id: 3, guest_token: token}),
+ *     since: 0                                  // 0: the whole history; null: from now on
+ *   });
+ *   dialog.on('message', function (m) { ... }); // {type, dialog_id, seq, id, sender, text, created_at}
+ *   dialog.on('typing', function (t) { ... });  // {type, dialog_id, sender}
+ *   dialog.on('state', function (s) { ... });   // 'connecting' | 'live' | 'reconnecting' | 'closed'
+ *   dialog.on('closed', function (e) { ... });  // gave up: {code, reason}
+ *   dialog.connect();
+ *
+ * Messages and typing go out through the HTTP API (ReplyX.Api), never the socket.
+ */
+(function (global) {
+  'use strict';
+
+  var FATAL_CODES = {4001: 1, 4003: 1, 4004: 1, 4400: 1, 1008: 1, 1009: 1};
+
+  function wsUrl(path, params) {
+    var loc = global.location;
+    var url = (loc.protocol === 'https:' ? 'wss://' : 'ws://') + loc.host + path;
+    return url + query(params);
+  }
+
+  function query(params) {
+    var parts = [];
+    for (var key in params || {}) {
+      if (params[key] !== null && params[key] !== undefined && params[key] !== '') {
+        parts.push(encodeURIComponent(key) + '=' + encodeURIComponent(params[key]));
+      }
+    }
+    return parts.length ? '?' + parts.join('&') : '';
+  }
+
+  // -- Dialog: one socket, resumed with since --------------------------------
+
+  function Dialog(options) {
+    this.url = options.url;
+    this.lastSeq = options.since === undefined ? null : options.since;
+    this.backoffInitial = options.backoffInitial || 500;   // ms
+    this.backoffMax = options.backoffMax || 15000;
+    this.pingEvery = options.pingEvery || 25000;           // app-level ping, for half-open sockets
+    this.state = 'idle';
+    this.closeCodes = [];
+    this.connects = 0;
+    this._handlers = {};
+    this._delay = this.backoffInitial;
+    this._ws = null;
+    this._timer = null;
+    this._pinger = null;
+    this._awaitingPong = false;
+    this._stopped = false;
+    var self = this;
+    this._onOnline = function () { if (self.state === 'reconnecting') self._reconnectNow(); };
+  }
+
+  Dialog.prototype.on = function (event, handler) {
+    (this._handlers[event] = this._handlers[event] || []).push(handler);
+    return this;
+  };
+
+  Dialog.prototype._emit = function (event, value) {
+    var handlers = this._handlers[event] || [];
+    for (var i = 0; i < handlers.length; i++) {
+      try { handlers[i](value); } catch (err) { setTimeout(function () { throw err; }); }
+    }
+  };
+
+  Dialog.prototype._setState = function (state) {
+    if (this.state !== state) {
+      this.state = state;
+      this._emit('state', state);
+    }
+  };
+
+  Dialog.prototype.connect = function () {
+    this._stopped = false;
+    if (global.addEventListener) global.addEventListener('online', this._onOnline);
+    this._open();
+    return this;
+  };
+
+  Dialog.prototype.close = function () {
+    this._stopped = true;
+    clearTimeout(this._timer);
+    this._stopPinger();
+    if (global.removeEventListener) global.removeEventListener('online', this._onOnline);
+    if (this._ws) this._ws.close(1000, 'bye');
+    this._setState('closed');
+  };
+
+  Dialog.prototype._open = function () {
+    var self = this;
+    var url = this.url;
+    if (this.lastSeq !== null) url += (url.indexOf('?') >= 0 ? '&' : '?') + 'since=' + this.lastSeq;
+    this._setState(this.connects === 0 ? 'connecting' : 'reconnecting');
+    var ws = new WebSocket(url);
+    this._ws = ws;
+    ws.onopen = function () { self.connects += 1; };
+    ws.onmessage = function (event) {
+      if (ws === self._ws) self._frame(ws, event.data);
+    };
+    ws.onclose = function (event) {
+      if (ws !== self._ws) return;
+      self._ws = null;
+      self._stopPinger();
+      self.closeCodes.push(event.code);
+      if (self._stopped) return;
+      if (FATAL_CODES[event.code]) {
+        self._stopped = true;
+        self._setState('closed');
+        self._emit('closed', {code: event.code, reason: event.reason});
+        return;
+      }
+      self._setState('reconnecting');
+      self._schedule();
+    };
+  };
+
+  Dialog.prototype._schedule = function () {
+    var self = this;
+    var delay = this._delay * (0.8 + Math.random() * 0.4);
+    this._delay = Math.min(this._delay * 2, this.backoffMax);
+    clearTimeout(this._timer);
+    this._timer = setTimeout(function () { self._open(); }, delay);
+  };
+
+  Dialog.prototype._reconnectNow = function () {
+    clearTimeout(this._timer);
+    this._delay = this.backoffInitial;
+    this._open();
+  };
+
+  Dialog.prototype._frame = function (ws, raw) {
+    var data;
+    try { data = JSON.parse(raw); } catch (err) { return; }
+    this._awaitingPong = false;
+    if (data.type === 'message') {
+      if (this.lastSeq !== null && data.seq <= this.lastSeq) return;  // already shown
+      if (this.lastSeq !== null && data.seq !== this.lastSeq + 1) {
+        // The gateway never skips a seq; should it ever, the replay of a resume fills it.
+        ws.close(1000, 'gap, resuming');
+        return;
+      }
+      this.lastSeq = data.seq;
+      this._emit('message', data);
+    } else if (data.type === 'typing') {
+      this._emit('typing', data);
+    } else if (data.type === 'ready') {
+      if (this.lastSeq === null) this.lastSeq = data.last_seq;
+      this._delay = this.backoffInitial;
+      this._startPinger(ws);
+      this._setState('live');
+    }
+  };
+
+  Dialog.prototype._startPinger = function (ws) {
+    var self = this;
+    this._stopPinger();
+    this._pinger = setInterval(function () {
+      if (self._awaitingPong) {
+        // Nothing came back since the last ping: the connection is dead without a close.
+        ws.close(1000, 'no pong');
+        return;
+      }
+      self._awaitingPong = true;
+      ws.send('{"type":"ping"}');
+    }, this.pingEvery);
+  };
+
+  Dialog.prototype._stopPinger = function () {
+    clearInterval(this._pinger);
+    this._pinger = null;
+    this._awaitingPong = false;
+  };
+
+  // -- Api: the backend's HTTP API -------------------------------------------
+
+  function ApiError(status, message) {
+    this.name = 'ApiError';
+    this.status = status;
+    this.message = message;
+  }
+  ApiError.prototype = Object.create(Error.prototype);
+
+  function Api(base) {
+    this.base = base || '';
+  }
+
+  Api.prototype.request = function (method, path, body, token) {
+    var headers = {};
+    if (body !== undefined) headers['Content-Type'] = 'application/json';
+    if (token) headers.Authorization = 'Bearer ' + token;
+    return fetch(this.base + path, {
+      method: method,
+      headers: headers,
+      body: body === undefined ? undefined : JSON.stringify(body)
+    }).then(function (response) {
+      if (response.status === 204) return null;
+      return response.json().then(function (data) {
+        if (!response.ok) throw new ApiError(response.status, (data && data.error) || response.statusText);
+        return data;
+      }, function () {
+        throw new ApiError(response.status, response.statusText);
+      });
+    });
+  };
+
+  // Operator (admin panel): token from login().
+  Api.prototype.login = function (email, password) {
+    return this.request('POST', '/api/auth/login', {email: email, password: password});
+  };
+  Api.prototype.dialogs = function (token) {
+    return this.request('GET', '/api/dialogs', undefined, token);
+  };
+  Api.prototype.send = function (token, dialogId, text) {
+    return this.request('POST', '/api/dialogs/' + dialogId + '/messages', {text: text}, token);
+  };
+  Api.prototype.typing = function (token, dialogId) {
+    return this.request('POST', '/api/dialogs/' + dialogId + '/typing', {}, token);
+  };
+
+  // Widget (site visitor): a guest token from createWidgetDialog().
+  Api.prototype.createWidgetDialog = function (assistantId, parentOrigin) {
+    var body = {assistant_id: assistantId};
+    if (parentOrigin) body.parent_origin = parentOrigin;
+    return this.request('POST', '/api/widget/dialogs', body);
+  };
+  Api.prototype.widgetSend = function (guestToken, dialogId, text) {
+    return this.request('POST', '/api/widget/dialogs/' + dialogId + '/messages', {text: text}, guestToken);
+  };
+  Api.prototype.widgetTyping = function (guestToken, dialogId) {
+    return this.request('POST', '/api/widget/dialogs/' + dialogId + '/typing', {}, guestToken);
+  };
+
+  // Call fn at most once per `ms` (typing notifications while a key is held down).
+  function throttle(fn, ms) {
+    var last = 0;
+    return function () {
+      var now = Date.now();
+      if (now - last >= ms) {
+        last = now;
+        return fn.apply(this, arguments);
+      }
+    };
+  }
+
+  global.ReplyX = {Dialog: Dialog, Api: Api, ApiError: ApiError, wsUrl: wsUrl, throttle: throttle,
+                   FATAL_CODES: FATAL_CODES};
+})(typeof window !== 'undefined' ? window : this);
