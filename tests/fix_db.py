@@ -11,6 +11,8 @@ import asyncio
 import concurrent.futures
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +48,7 @@ def _with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url() -> Iterator[str]:
     server = os.environ.get("DATABASE_URL")
     if server:
         name = f"replyx_test_{secrets.token_hex(4)}"
@@ -59,11 +61,16 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     else:
-        embedded = EmbeddedPostgres(tmp_path_factory.mktemp("embedded"))
+        # Not under pytest's basetemp: another pytest session starting up resets that tree to
+        # mode 0700, and the server (running as an unprivileged user when we are root) would
+        # lose its data directory and shut down.
+        data_dir = Path(tempfile.mkdtemp(prefix="replyx-test-pg-"))
+        embedded = EmbeddedPostgres(data_dir)
         url = embedded.ensure_running()
         schema.upgrade(url)
         yield url
         embedded.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture
