@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from types import TracebackType
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
 if TYPE_CHECKING:
+    from tornado.httputil import HTTPServerRequest
     from tornado.web import RequestHandler
 
 FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
@@ -62,3 +64,36 @@ def log_request(handler: RequestHandler) -> None:
         1000.0 * request.request_time(),
         request.remote_ip,
     )
+
+
+class RedactedRequestLogging:
+    """Mixin for Tornado handlers: error log lines name the request without query values.
+
+    Tornado's own ``log_exception`` prints ``_request_summary()`` (the raw URI)
+    for an ``HTTPError`` and, for anything else, the request's repr, which
+    also holds the raw URI: a ``?token=`` would land in the log.
+    """
+
+    request: HTTPServerRequest
+
+    def _request_summary(self) -> str:
+        request = self.request
+        return f"{request.method} {redact_uri(request.uri or '')} ({request.remote_ip})"
+
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        from tornado.log import app_log, gen_log
+        from tornado.web import HTTPError
+
+        if isinstance(value, HTTPError):
+            message = value.get_message()
+            if message:
+                gen_log.warning("%d %s: %s", value.status_code, self._request_summary(), message)
+            return
+        app_log.error(
+            "Uncaught exception %s", self._request_summary(), exc_info=(typ, value, tb)  # type: ignore[arg-type]
+        )

@@ -25,10 +25,12 @@ from backend.db import Database
 from replyx import schema, security
 from replyx.config import Settings
 from replyx.pg import EmbeddedPostgres, libpq_url
+from tests.fix_secrets import remember, watch_dir
 
 T = TypeVar("T")
 
 TEST_JWT_SECRET = "test-secret-" + "x" * 40
+remember(TEST_JWT_SECRET, "the test JWT key")
 
 
 def run_async(work: Callable[[], Awaitable[T]]) -> T:
@@ -59,7 +61,9 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     else:
-        embedded = EmbeddedPostgres(tmp_path_factory.mktemp("embedded"))
+        embedded_dir = tmp_path_factory.mktemp("embedded")
+        watch_dir(embedded_dir)  # its postgres.log is scanned for secrets too
+        embedded = EmbeddedPostgres(embedded_dir)
         url = embedded.ensure_running()
         schema.upgrade(url)
         yield url
@@ -118,6 +122,9 @@ def create_tenant(database_url: str, domains: list[str] | None = None) -> Tenant
         finally:
             await db.dispose()
         token = security.issue_operator_token(user_id, TEST_JWT_SECRET.encode(), 3600)
+        remember(token, "operator JWT")
+        remember(password, "operator password")
+        remember(assistant.site_token, "site token")
         return Tenant(user_id, email, password, token, assistant.assistant_id,
                       assistant.site_token, domains)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.fix_db import TEST_JWT_SECRET
+from tests.fix_secrets import TOKEN_SHAPES, remember, watch_dir
 
 BIN = Path(sys.executable).parent
 
@@ -89,6 +90,7 @@ class Stack:
 
     def start(self, *args: str, timeout: float = 90.0) -> Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        watch_dir(self.data_dir)
         self.output = open(self.data_dir / "replyx-run.out", "wb")
         self.proc = subprocess.Popen(
             [str(BIN / "replyx"), "run", *args],
@@ -132,10 +134,15 @@ class Stack:
         return result.stdout
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        result = subprocess.run(
             [str(BIN / "replyx"), *args], env=self.env, capture_output=True, text=True,
             timeout=120, check=False,
         )
+        if "--password" in args:
+            remember(args[args.index("--password") + 1], "password given to replyx")
+        for match in TOKEN_SHAPES.finditer(result.stdout):
+            remember(match.group(), f"token printed by replyx {args[0]}")
+        return result
 
     def stop(self, timeout: float = 60.0) -> int:
         if self.proc is None or self.proc.poll() is not None:

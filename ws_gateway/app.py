@@ -222,6 +222,8 @@ class Gateway:
                 (r"/api/debug/websocket/sync", debug.SyncHandler, deps),
                 (r"/metrics", debug.MetricsHandler, deps),
             ],
+            default_handler_class=debug.NotFoundHandler,
+            default_handler_args=deps,
             log_function=logs.log_request,
             websocket_max_message_size=settings.max_inbound_frame,
             websocket_ping_interval=settings.ping_interval,
