@@ -59,6 +59,8 @@ async def authenticate(session: AsyncSession, email: str, password: str) -> int 
         )
     ).first()
     stored = row.password_hash if row else None
+    # The read is over: the connection goes back to the pool before the slow part.
+    await session.rollback()
     # scrypt takes ~50 ms of CPU and releases the GIL: off the event loop, other requests go on.
     if await asyncio.to_thread(security.verify_password, password, stored) and row is not None:
         return row.id

@@ -13,6 +13,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
+from tornado.log import app_log, gen_log
+from tornado.web import HTTPError
+
 if TYPE_CHECKING:
     from tornado.httputil import HTTPServerRequest
     from tornado.web import RequestHandler
@@ -86,14 +89,10 @@ class RedactedRequestLogging:
         value: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        from tornado.log import app_log, gen_log
-        from tornado.web import HTTPError
-
         if isinstance(value, HTTPError):
             message = value.get_message()
             if message:
                 gen_log.warning("%d %s: %s", value.status_code, self._request_summary(), message)
             return
-        app_log.error(
-            "Uncaught exception %s", self._request_summary(), exc_info=(typ, value, tb)  # type: ignore[arg-type]
-        )
+        exc_info = (typ, value, tb) if typ is not None and value is not None else None
+        app_log.error("Uncaught exception %s", self._request_summary(), exc_info=exc_info)
