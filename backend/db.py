@@ -18,6 +18,9 @@ class Database:
             # A restarted Postgres leaves dead connections in the pool: test before use.
             pool_pre_ping=True,
             pool_timeout=5,
+            # A failed statement's message would otherwise quote its parameters (hashes,
+            # message text) in the log line of the error.
+            hide_parameters=True,
             connect_args={
                 # Never hang a request on an unreachable server: fail fast with a 503.
                 "connect_timeout": 5,

@@ -6,6 +6,7 @@ HTTP API returns byte-for-byte the frame the gateway sends.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import orjson
@@ -58,9 +59,60 @@ async def authenticate(session: AsyncSession, email: str, password: str) -> int 
         )
     ).first()
     stored = row.password_hash if row else None
-    if security.verify_password(password, stored) and row is not None:
+    # The read is over: the connection goes back to the pool before the slow part.
+    await session.rollback()
+    # scrypt takes ~50 ms of CPU and releases the GIL: off the event loop, other requests go on.
+    if await asyncio.to_thread(security.verify_password, password, stored) and row is not None:
         return row.id
     return None
+
+
+# One attempt counted against an address. SET sees the row as it was, so both CASEs agree
+# on whether the window had ended; an expired window starts over at this attempt.
+_RESERVE_LOGIN = text(
+    """
+    INSERT INTO login_failures AS f (address, failures, window_start)
+    VALUES (:address, 1, now())
+    ON CONFLICT (address) DO UPDATE SET
+        failures = CASE WHEN f.window_start <= now() - make_interval(secs => :window)
+                        THEN 1 ELSE least(f.failures + 1, 1000000) END,
+        window_start = CASE WHEN f.window_start <= now() - make_interval(secs => :window)
+                            THEN now() ELSE f.window_start END
+    RETURNING failures,
+              extract(epoch FROM f.window_start + make_interval(secs => :window) - now())::float8
+    """
+)
+_RELEASE_LOGIN = text(
+    "UPDATE login_failures SET failures = failures - 1 WHERE address = :address AND failures > 0"
+)
+_FORGET_OLD_LOGINS = text(
+    "DELETE FROM login_failures WHERE window_start < now() - make_interval(secs => :window)"
+)
+
+
+async def reserve_login_attempt(
+    session: AsyncSession, address: str, max_failures: int, window: float
+) -> float | None:
+    """Count one login attempt from ``address``; the seconds to wait if it is over the limit.
+
+    The attempt is counted before the password is checked, so a burst of guesses
+    spread over every worker at once cannot get more than ``max_failures`` tries.
+    A login that succeeds gives its attempt back (:func:`release_login_attempt`).
+    """
+    params = {"address": address, "window": float(window)}
+    failures, remaining = (await session.execute(_RESERVE_LOGIN, params)).one()
+    if failures == 1:
+        # A new window began: a good moment to drop rows whose windows ended long ago.
+        await session.execute(_FORGET_OLD_LOGINS, {"window": float(window)})
+    await session.commit()
+    if failures > max_failures:
+        return max(float(remaining), 1.0)
+    return None
+
+
+async def release_login_attempt(session: AsyncSession, address: str) -> None:
+    await session.execute(_RELEASE_LOGIN, {"address": address})
+    await session.commit()
 
 
 async def user_exists(session: AsyncSession, user_id: int) -> bool:

@@ -93,6 +93,10 @@ class Settings:
     max_sockets_per_ip: int = 2000
     shutdown_grace: float = 5.0
 
+    # Backend: failed logins allowed per client address in one window (seconds).
+    login_max_failures: int = 10
+    login_window: float = 300.0
+
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
@@ -123,8 +127,14 @@ class Settings:
             "client_burst": _cast(env, "REPLYX_CLIENT_BURST", int, 40),
             "max_sockets_per_ip": _cast(env, "REPLYX_MAX_SOCKETS_PER_IP", int, 2000),
             "shutdown_grace": _cast(env, "REPLYX_SHUTDOWN_GRACE", float, 5.0),
+            "login_max_failures": _cast(env, "REPLYX_LOGIN_MAX_FAILURES", int, 10),
+            "login_window": _cast(env, "REPLYX_LOGIN_WINDOW", float, 300.0),
         }
         settings = cls(**kwargs)
+        if settings.login_max_failures < 1 or settings.login_window <= 0:
+            raise ConfigError(
+                "REPLYX_LOGIN_MAX_FAILURES must be at least 1 and REPLYX_LOGIN_WINDOW positive"
+            )
         if settings.jwt_secret_env is not None:
             _check_secret(settings.jwt_secret_env.encode(), "REPLYX_JWT_SECRET")
         if settings.widget_origin is not None:
@@ -157,7 +167,8 @@ class Settings:
 
         The generated key is created once with mode 0600; concurrent first
         callers (four gunicorn workers booting together) all end up reading
-        the same file.
+        the same file. A key file that other users can read is refused, as
+        ssh refuses a private key with loose permissions.
         """
         if self.jwt_secret_env is not None:
             return self.jwt_secret_env.encode()
@@ -170,6 +181,12 @@ class Settings:
         else:
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_urlsafe(48))
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ConfigError(
+                f"the JWT signing key {path} is readable by other users (mode {mode:o});"
+                f" run `chmod 600 {path}`"
+            )
         key = path.read_text().strip().encode()
         if len(key) < MIN_JWT_SECRET_BYTES:
             # Another process may be between O_CREAT and the write: the key appears at once.

@@ -10,10 +10,15 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from types import TracebackType
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
+from tornado.log import app_log, gen_log
+from tornado.web import HTTPError
+
 if TYPE_CHECKING:
+    from tornado.httputil import HTTPServerRequest
     from tornado.web import RequestHandler
 
 FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
@@ -88,3 +93,32 @@ def log_request(handler: RequestHandler) -> None:
         1000.0 * request.request_time(),
         request.remote_ip,
     )
+
+
+class RedactedRequestLogging:
+    """Mixin for Tornado handlers: error log lines name the request without query values.
+
+    Tornado's own ``log_exception`` prints ``_request_summary()`` (the raw URI)
+    for an ``HTTPError`` and, for anything else, the request's repr, which
+    also holds the raw URI: a ``?token=`` would land in the log.
+    """
+
+    request: HTTPServerRequest
+
+    def _request_summary(self) -> str:
+        request = self.request
+        return f"{request.method} {redact_uri(request.uri or '')} ({request.remote_ip})"
+
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(value, HTTPError):
+            message = value.get_message()
+            if message:
+                gen_log.warning("%d %s: %s", value.status_code, self._request_summary(), message)
+            return
+        exc_info = (typ, value, tb) if typ is not None and value is not None else None
+        app_log.error("Uncaught exception %s", self._request_summary(), exc_info=exc_info)

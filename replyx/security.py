@@ -68,7 +68,7 @@ def verify_operator_token(token: str | None, secret: bytes) -> OperatorClaims:
         )
         user_id = int(claims["sub"])
         expires_at = float(claims["exp"])
-    except (jwt.InvalidTokenError, ValueError, TypeError, KeyError):
+    except (jwt.InvalidTokenError, ValueError, TypeError, KeyError, OverflowError):
         raise InvalidTokenError("invalid token") from None
     if user_id <= 0 or user_id >= 2**63:
         raise InvalidTokenError("invalid token")

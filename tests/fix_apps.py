@@ -19,6 +19,7 @@ from backend.db import Database
 from replyx.client import DialogClient
 from replyx.config import Settings
 from tests.fix_db import Tenant
+from tests.fix_secrets import remember
 from ws_gateway.app import Gateway
 
 
@@ -62,6 +63,9 @@ class Api:
             parsed = orjson.loads(text) if text else None
         except orjson.JSONDecodeError:
             parsed = text.decode(errors="replace")
+        if isinstance(parsed, dict):
+            for key in ("token", "guest_token", "site_token"):
+                remember(parsed.get(key), f"{key} issued by {path.split('?')[0]}")
         return Response(response.code, parsed, response.headers)
 
     async def site_dialog(self, tenant: Tenant) -> int:

@@ -27,10 +27,12 @@ from backend.db import Database
 from replyx import schema, security
 from replyx.config import Settings
 from replyx.pg import EmbeddedPostgres, libpq_url
+from tests.fix_secrets import keep_logs_of, remember, watch_dir
 
 T = TypeVar("T")
 
 TEST_JWT_SECRET = "test-secret-" + "x" * 40
+remember(TEST_JWT_SECRET, "the test JWT key")
 
 
 def run_async(work: Callable[[], Awaitable[T]]) -> T:
@@ -66,10 +68,12 @@ def database_url() -> Iterator[str]:
         # lose its data directory and shut down.
         data_dir = Path(tempfile.mkdtemp(prefix="replyx-test-pg-"))
         embedded = EmbeddedPostgres(data_dir)
+        watch_dir(data_dir)  # its postgres.log is scanned for secrets too
         url = embedded.ensure_running()
         schema.upgrade(url)
         yield url
         embedded.stop()
+        keep_logs_of(data_dir)
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
@@ -125,6 +129,9 @@ def create_tenant(database_url: str, domains: list[str] | None = None) -> Tenant
         finally:
             await db.dispose()
         token = security.issue_operator_token(user_id, TEST_JWT_SECRET.encode(), 3600)
+        remember(token, "operator JWT")
+        remember(password, "operator password")
+        remember(assistant.site_token, "site token")
         return Tenant(user_id, email, password, token, assistant.assistant_id,
                       assistant.site_token, domains)
 

@@ -4,10 +4,12 @@ the gateway, nginx when installed) on free ports, against the test database."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -15,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from replyx.pg import EmbeddedPostgres
 from tests.fix_db import TEST_JWT_SECRET
+from tests.fix_secrets import TOKEN_SHAPES, keep_logs_of, remember, watch_dir
 
 BIN = Path(sys.executable).parent
 
@@ -89,6 +93,7 @@ class Stack:
 
     def start(self, *args: str, timeout: float = 90.0) -> Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        watch_dir(self.data_dir)
         self.output = open(self.data_dir / "replyx-run.out", "wb")
         self.proc = subprocess.Popen(
             [str(BIN / "replyx"), "run", *args],
@@ -132,10 +137,15 @@ class Stack:
         return result.stdout
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        result = subprocess.run(
             [str(BIN / "replyx"), *args], env=self.env, capture_output=True, text=True,
             timeout=120, check=False,
         )
+        if "--password" in args:
+            remember(args[args.index("--password") + 1], "password given to replyx")
+        for match in TOKEN_SHAPES.finditer(result.stdout):
+            remember(match.group(), f"token printed by replyx {args[0]}")
+        return result
 
     def stop(self, timeout: float = 60.0) -> int:
         if self.proc is None or self.proc.poll() is not None:
@@ -155,15 +165,27 @@ def make_stack(
     tmp_path: Path, database_url: str
 ) -> Iterator[Callable[..., Stack]]:
     stacks: list[Stack] = []
+    private_dirs: list[Path] = []
 
     def make(*args: str, embedded: bool = False, **env: str) -> Stack:
-        stack = Stack(tmp_path / f"stack{len(stacks)}", None if embedded else database_url, **env)
+        if embedded:
+            # Its Postgres runs as an unprivileged user and must keep reaching its data dir,
+            # which pytest's basetemp does not guarantee (see tests/fix_db.py).
+            data_dir = Path(tempfile.mkdtemp(prefix="replyx-stack-"))
+            private_dirs.append(data_dir)
+        else:
+            data_dir = tmp_path / f"stack{len(stacks)}"
+        stack = Stack(data_dir, None if embedded else database_url, **env)
         stacks.append(stack)
         return stack.start(*args)
 
     yield make
     for stack in stacks:
         stack.stop()
+    for data_dir in private_dirs:
+        EmbeddedPostgres(data_dir).stop()
+        keep_logs_of(data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

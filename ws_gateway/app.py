@@ -237,6 +237,8 @@ class Gateway:
                 (r"/demo/(.*)", tornado.web.StaticFileHandler,
                  {"path": str(STATIC_DIR), "default_filename": "index.html"}),
             ],
+            default_handler_class=debug.NotFoundHandler,
+            default_handler_args=deps,
             log_function=logs.log_request,
             websocket_max_message_size=settings.max_inbound_frame,
             websocket_ping_interval=settings.ping_interval,

@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections import Counter
 from typing import Protocol
 
 from tornado.httputil import HTTPServerRequest
 
+from replyx.addresses import client_address, limit_key
+
 
 class Limited(Protocol):
     request: HTTPServerRequest
-
-
-def client_address(request: HTTPServerRequest) -> str:
-    """The client's address: the peer, or ``X-Real-IP`` when the peer is a local proxy."""
-    peer = request.remote_ip or ""
-    real = request.headers.get("X-Real-IP", "").strip()
-    if real and _is_loopback(peer):
-        try:
-            return str(ipaddress.ip_address(real))
-        except ValueError:
-            return peer
-    return peer
-
-
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 class Limiter:
@@ -44,7 +26,7 @@ class Limiter:
 
     def acquire(self, sock: Limited) -> bool:
         """Count a new socket against its address; False when the address is at its cap."""
-        address = client_address(sock.request)
+        address = limit_key(client_address(sock.request))
         if self.sockets_per_ip[address] >= self.max_sockets_per_ip:
             return False
         self.sockets_per_ip[address] += 1
@@ -61,7 +43,10 @@ class Limiter:
             del self.sockets_per_ip[address]
 
     def allow_frame(self, sock: Limited) -> bool:
-        """Token bucket: ``rate`` frames per second with bursts of ``burst``."""
+        """Charge one frame to the socket's token bucket (``rate`` per second, ``burst`` deep).
+
+        Every frame counts, control frames and fragments included, not only whole messages.
+        """
         now = time.monotonic()
         tokens, at = self._buckets.get(id(sock), (self.burst, now))
         tokens = min(self.burst, tokens + (now - at) * self.rate)

@@ -245,19 +245,23 @@ class Router:
             expected = sub.sent_seq + 1
             if seq < expected:
                 continue
-            if seq == expected:
-                if sub.write_frame(frame):
-                    sub.sent_seq = seq
-                    self.stats.frames_sent += 1
-                continue
             if tick <= tick_before:
-                # Routed before the query began, so its commit was visible to the query,
-                # yet the database does not have it: not one of our rows (a hand-made NOTIFY).
+                # Routed before the query began, so its commit was visible to the query and
+                # a real row would have been replayed (seq < expected). The database does
+                # not have it: not one of our rows (a hand-made NOTIFY), even when its seq
+                # happens to be the next one.
+                if not sub.is_open:
+                    continue  # the replay could not be written: the socket is going away
                 log.warning(
                     "dropped notification dialog_id=%d seq=%d: not in the database",
                     sub.dialog_id, seq,
                 )
                 self.stats.bad_notifications += 1
+                continue
+            if seq == expected:
+                if sub.write_frame(frame):
+                    sub.sent_seq = seq
+                    self.stats.frames_sent += 1
                 continue
             sub.buffer = buffer[index:]
             return False

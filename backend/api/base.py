@@ -19,6 +19,7 @@ from sqlalchemy import exc as sa_exc
 from backend.db import Database
 from replyx import security
 from replyx.config import Settings
+from replyx.logs import RedactedRequestLogging
 
 log = logging.getLogger("backend.api")
 
@@ -29,12 +30,13 @@ _PID = str(os.getpid())
 
 
 class ApiError(Exception):
-    """An error the client caused (or may retry): status and a short message."""
+    """An error the client caused (or may retry): status, a short message, extra headers."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 def is_database_unavailable(exc: BaseException) -> bool:
@@ -58,7 +60,7 @@ def parse_id(raw: str, what: str = "dialog") -> int:
 
 
 @tornado.web.stream_request_body
-class ApiHandler(tornado.web.RequestHandler):
+class ApiHandler(RedactedRequestLogging, tornado.web.RequestHandler):
     """Base of every JSON endpoint. Bodies are streamed so oversize ones are refused early."""
 
     db: Database
@@ -186,13 +188,17 @@ class ApiHandler(tornado.web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, ApiError):
             self.set_status(exc.status)
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
             message = exc.message
         elif exc is not None and is_database_unavailable(exc):
             self.set_status(503)
             self.set_header("Retry-After", "1")
             message = "database unavailable, retry shortly"
         elif isinstance(exc, tornado.web.HTTPError):
-            message = exc.log_message or self._reason
+            # Tornado's own errors may carry the offending value in their arguments (say, the
+            # first bytes of a query parameter): the client gets the plain reason instead.
+            message = exc.log_message if exc.log_message and not exc.args else self._reason
             if exc.status_code == 405:
                 message = "method not allowed"
         else:

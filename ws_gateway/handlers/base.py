@@ -7,7 +7,9 @@ through) so a refusal can carry the contract's close code: 4001 bad token,
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -15,6 +17,8 @@ import orjson
 import tornado.websocket
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
+from replyx.addresses import client_address
+from replyx.logs import RedactedRequestLogging
 from ws_gateway.events import MAX_ID, PONG_FRAME
 
 if TYPE_CHECKING:
@@ -48,7 +52,64 @@ def parse_dialog_id(raw: str) -> int:
     return int(raw)
 
 
-class DialogSocket(tornado.websocket.WebSocketHandler):
+class FrameLimitedProtocol(tornado.websocket.WebSocketProtocol13):
+    """Tornado's RFC 6455 protocol, with a rate limit per frame and a close code that arrives.
+
+    ``on_message`` only sees whole data messages: pings, pongs and the fragments
+    of a message never reach it, so a flood of those would escape a per-message
+    limit. Here every frame read is charged; over the limit the socket is closed
+    with 1008.
+
+    Tornado closes an oversize frame (1009) by writing the close frame and closing
+    the socket at once. With the client's unread bytes still in our receive buffer
+    the kernel then sends a reset, which destroys the close frame before the client
+    reads it: it would see 1006, not 1009. So a connection we hang up on while the
+    client is still sending gets a *lingering close* instead: no more frames are
+    parsed, FIN follows the close frame, and what the client still sends is read
+    and discarded for up to ``LINGER_SECONDS`` before the socket is closed.
+    """
+
+    LINGER_SECONDS = 2.0
+
+    handler: DialogSocket
+    _linger_task: asyncio.Task[None] | None = None
+
+    async def _receive_frame(self) -> None:
+        await super()._receive_frame()
+        if not self.client_terminated and not self.handler.allow_frame():
+            self._abort()
+
+    def _abort(self) -> None:
+        if self._linger_task is not None and not self._linger_task.done():
+            return  # the lingering close ends the connection itself, shortly
+        stream = self.stream
+        if (
+            self.server_terminated  # our close frame is written
+            and not self.client_terminated
+            and stream is not None
+            and not stream.closed()
+            and not stream.reading()  # called between frames, not from a timer mid-read
+        ):
+            self.client_terminated = True  # the frame loop stops: nothing more is parsed
+            self._linger_task = asyncio.ensure_future(self._linger(stream))
+            return
+        super()._abort()
+
+    async def _linger(self, stream: IOStream) -> None:
+        try:
+            async with asyncio.timeout(self.LINGER_SECONDS):
+                await stream.write(b"")  # the close frame has left our buffer
+                if stream.socket is not None:
+                    stream.socket.shutdown(socket.SHUT_WR)
+                while True:
+                    await stream.read_bytes(64 * 1024, partial=True)
+        except (StreamClosedError, OSError, TimeoutError):
+            pass
+        finally:
+            super()._abort()
+
+
+class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
     """One client socket on one dialog. Subclasses implement :meth:`authorize`."""
 
     kind: ClassVar[str] = ""
@@ -76,6 +137,12 @@ class DialogSocket(tornado.websocket.WebSocketHandler):
         # Frames are pre-encoded once for all sockets; per-socket deflate would undo that.
         return None
 
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+        protocol = super().get_websocket_protocol()
+        if not isinstance(protocol, tornado.websocket.WebSocketProtocol13):
+            return protocol
+        return FrameLimitedProtocol(self, False, protocol.params)
+
     async def authorize(self, dialog_id: int) -> None:
         """Raise :class:`Refused` unless this request may read ``dialog_id``."""
         raise NotImplementedError
@@ -86,7 +153,9 @@ class DialogSocket(tornado.websocket.WebSocketHandler):
             self._close(CLOSE_RESTARTING, "gateway restarting, resume with since")
             return
         if not gateway.limiter.acquire(self):
-            log.warning("%s refused: too many sockets from %s", self.tag, self.request.remote_ip)
+            log.warning(
+                "%s refused: too many sockets from %s", self.tag, client_address(self.request)
+            )
             self.gateway.stats.refused[str(CLOSE_POLICY)] += 1
             self._close(CLOSE_POLICY, "too many connections from this address")
             return
@@ -213,10 +282,19 @@ class DialogSocket(tornado.websocket.WebSocketHandler):
 
     # -- client frames ------------------------------------------------------------
 
+    def allow_frame(self) -> bool:
+        """Charge one inbound frame; over the limit, close with 1008 and return False."""
+        if self._closing or self.gateway.limiter.allow_frame(self):
+            # Frames still in flight while a close handshake runs are not charged.
+            return True
+        log.warning(
+            "%s rate limit: closing %d dialog_id=%d peer=%s",
+            self.tag, CLOSE_POLICY, self.dialog_id, client_address(self.request),
+        )
+        self._close(CLOSE_POLICY, "rate limit exceeded")
+        return False
+
     def on_message(self, message: str | bytes) -> None:
-        if not self.gateway.limiter.allow_frame(self):
-            self._close(CLOSE_POLICY, "rate limit exceeded")
-            return
         try:
             data = orjson.loads(message)
         except orjson.JSONDecodeError:

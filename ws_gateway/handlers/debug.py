@@ -19,6 +19,7 @@ import tornado.websocket
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from replyx import security
+from replyx.logs import RedactedRequestLogging
 from ws_gateway.events import MAX_ID
 from ws_gateway.handlers.admin import bearer
 
@@ -29,7 +30,7 @@ KINDS = ("admin", "widget", "site")
 MAX_DIALOGS_LISTED = 1000
 
 
-class GatewayHTTPHandler(tornado.web.RequestHandler):
+class GatewayHTTPHandler(RedactedRequestLogging, tornado.web.RequestHandler):
     def initialize(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
@@ -65,6 +66,13 @@ class GatewayHTTPHandler(tornado.web.RequestHandler):
             return security.verify_operator_token(token, self.gateway.jwt_secret).user_id
         except security.InvalidTokenError:
             raise tornado.web.HTTPError(401, "an operator token is required") from None
+
+
+class NotFoundHandler(GatewayHTTPHandler):
+    """JSON 404 for every path no route matches."""
+
+    def prepare(self) -> None:
+        raise tornado.web.HTTPError(404)
 
 
 class HealthHandler(GatewayHTTPHandler):
