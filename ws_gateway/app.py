@@ -43,6 +43,9 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 class Gateway:
+    #: The router to build; ``replyx bench`` swaps in its naive fan-out for comparison.
+    router_class: type[Router] = Router
+
     def __init__(self, settings: Settings, database_url: str) -> None:
         self.settings = settings
         self.dsn = libpq_url(database_url)
@@ -84,7 +87,7 @@ class Gateway:
             await self.pool.close()
             raise
         self.store = GatewayStore(self.pool)
-        self.router = Router(self.store, self.stats)
+        self.router = self.router_class(self.store, self.stats)
         self.listener = Listener(
             self.dsn,
             schema.CHANNEL,
