@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -93,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"where <date>.json and <date>.png go (default {RESULTS})")
     parser.add_argument("--no-peer", action="store_true", help="skip the Starlette peer")
     parser.add_argument("--profile-gateway", type=Path, metavar="DIR", default=None,
-                        help="record the gateway with py-spy during fan-out (speedscope JSON)")
+                        help="record the servers with py-spy during fan-out"
+                        " (collapsed stacks, for speedscope or flamegraph.pl)")
     for name, kind in (
         ("dialogs", int), ("rate", float), ("duration", float), ("busy-sockets", int),
         ("burst", int), ("burst-per-dialog", int), ("idle-sockets", int),
@@ -275,13 +277,22 @@ class Bench:
         self.pool.settle(["latency"], tenant.last_seqs(dialogs), 30)
         self.pool.record(True)
         say(f"  measuring {work.duration:.0f}s at {work.rate:.0f} msg/s")
+        cpu_before = {server.name: server.cpu_seconds() for server in self.servers}
         posted = self.poster.call("post", host="127.0.0.1", port=port, paths=paths[::-1],
                                   rate=work.rate, duration=work.duration)
         settled = self.pool.settle(["latency"], tenant.last_seqs(dialogs), 60)
+        # CPU seconds each server spent per second of the run: who the bottleneck was.
+        cpu_share = {
+            server.name: round(
+                (server.cpu_seconds() - cpu_before[server.name]) / posted["seconds"], 2
+            )
+            for server in self.servers
+        }
         self.pool.record(False)
         bad = {k: v for k, v in posted["statuses"].items() if k != "201"}
         latency = percentiles(settled["latencies_ms"])
-        say(f"  latency ms {latency}, lost {settled['lost']}, posted {posted['rate']:.0f}/s"
+        say(f"  latency ms {latency}, lost {settled['lost']}, posted {posted['rate']:.0f}/s,"
+            f" HTTP ms {percentiles(posted['http_ms'])}, server CPU/s {cpu_share}"
             + (f", HTTP errors {bad} {posted['errors']}" if bad or posted["errors"] else ""))
         return {
             "latency_ms": latency,
@@ -290,6 +301,7 @@ class Bench:
             "lost": settled["lost"] + sum(bad.values()) + len(posted["errors"]),
             "frames": len(settled["latencies_ms"]),
             "http_ms": percentiles(posted["http_ms"]),
+            "server_cpu_per_s": cpu_share,
             "duplicates": settled["duplicates"],
             "gaps": settled["gaps"],
             "closed": settled["closed"],
@@ -356,7 +368,7 @@ class Bench:
             say(f"  {name}: {frames} frames in {seconds:.2f}s = {frames / seconds:,.0f}/s,"
                 f" lost {settled['lost']}")
         if profiler is not None:
-            profiler.terminate()
+            profiler.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
             profiler.wait(30)
         total_frames = sum(r["frames"] for r in results.values())
         total_seconds = sum(r["seconds"] for r in results.values())
@@ -371,10 +383,10 @@ class Bench:
 
         self.profile_dir.mkdir(parents=True, exist_ok=True)
         target = server.processes()[-1].pid if label == "peer" else server.proc.pid
-        out = self.profile_dir / f"{label}-fanout.speedscope.json"
+        out = self.profile_dir / f"{label}-fanout.collapsed.txt"
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(target),
-             "--format", "speedscope", "--rate", "250", "--output", str(out)],
+             "--format", "raw", "--rate", "250", "--output", str(out)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         time.sleep(1.0)
@@ -521,7 +533,13 @@ def machine_info(pg_version: str, load_before: tuple[float, ...],
     }
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    # The servers run in sessions of their own: unwind through Bench.running() to stop them.
+    raise SystemExit(143)
+
+
 def main(settings: Settings, args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     work = workload_from(args)
     progress = Progress()
     bench = Bench(settings, work, progress, args.profile_gateway)
