@@ -111,6 +111,7 @@ class SocketWorker:
         assert self.recorder is not None
         self.recorder.recording = on
         self.recorder.latencies_ms = []
+        self.recorder.from_insert_ms = []
         return {}
 
     async def settle(
@@ -144,6 +145,7 @@ class SocketWorker:
             "close_codes": sorted({s.close_code for s in socks if s.closed and s.close_code}),
             "last_frame_at": self.recorder.last_frame_at,
             "latencies_ms": self.recorder.latencies_ms,
+            "from_insert_ms": self.recorder.from_insert_ms,
         }
 
     async def close(self, group: str) -> dict[str, Any]:
@@ -380,6 +382,7 @@ class SocketPool:
             "close_codes": sorted({c for r in replies for c in r["close_codes"]}),
             "last_frame_at": max(r["last_frame_at"] for r in replies),
             "latencies_ms": [x for r in replies for x in r["latencies_ms"]],
+            "from_insert_ms": [x for r in replies for x in r["from_insert_ms"]],
         }
 
     def record(self, on: bool) -> None:

@@ -291,8 +291,9 @@ class Bench:
         self.pool.record(False)
         bad = {k: v for k, v in posted["statuses"].items() if k != "201"}
         latency = percentiles(settled["latencies_ms"])
-        say(f"  latency ms {latency}, lost {settled['lost']}, posted {posted['rate']:.0f}/s,"
-            f" HTTP ms {percentiles(posted['http_ms'])}, server CPU/s {cpu_share}"
+        say(f"  latency ms {latency}, lost {settled['lost']}, posted {posted['rate']:.0f}/s")
+        say(f"  HTTP ms {percentiles(posted['http_ms'])}, INSERT to frame ms"
+            f" {percentiles(settled['from_insert_ms'])}, server CPU/s {cpu_share}"
             + (f", HTTP errors {bad} {posted['errors']}" if bad or posted["errors"] else ""))
         return {
             "latency_ms": latency,
@@ -301,6 +302,7 @@ class Bench:
             "lost": settled["lost"] + sum(bad.values()) + len(posted["errors"]),
             "frames": len(settled["latencies_ms"]),
             "http_ms": percentiles(posted["http_ms"]),
+            "from_insert_ms": percentiles(settled["from_insert_ms"]),
             "server_cpu_per_s": cpu_share,
             "duplicates": settled["duplicates"],
             "gaps": settled["gaps"],
@@ -355,6 +357,7 @@ class Bench:
             started = self.burst(tenant, ids, per_dialog, publish)
             settled = self.pool.settle(groups, tenant.last_seqs(ids), 120)
             seconds = max(settled["last_frame_at"] - started, 1e-6)
+            cpu = server.cpu_seconds() - cpu_before
             frames = sockets * per_dialog
             results[name] = {
                 "frames": frames,
@@ -362,7 +365,9 @@ class Bench:
                 "seconds": round(seconds, 3),
                 "frames_per_s": round(frames / seconds),
                 "notifications_per_s": round(len(ids) * per_dialog / seconds),
-                "server_cpu_s": round(server.cpu_seconds() - cpu_before, 3),
+                "server_cpu_s": round(cpu, 3),
+                # Independent of what else ran on the machine meanwhile.
+                "frames_per_cpu_s": round(frames / cpu) if cpu > 0 else None,
                 "lost": settled["lost"],
             }
             say(f"  {name}: {frames} frames in {seconds:.2f}s = {frames / seconds:,.0f}/s,"

@@ -14,7 +14,7 @@ import asyncio
 import base64
 import os
 import time
-from typing import Any
+from datetime import datetime
 
 import orjson
 
@@ -122,7 +122,7 @@ class Socket(asyncio.Protocol):
             self.received += 1
             text = data.get("text", "")
             stamp = float(text[2:]) if text.startswith(STAMP_PREFIX) else None
-            self.recorder.message(self, stamp, now)
+            self.recorder.message(self, stamp, data.get("created_at"), now)
         elif kind == "ready":
             if self.last_seq is None:
                 self.last_seq = self.start_seq = data["last_seq"]
@@ -154,16 +154,23 @@ class Recorder:
 
     def __init__(self) -> None:
         self.latencies_ms: list[float] = []
+        # From the row's created_at (its INSERT, in the database) to the frame: the part of
+        # the latency that is Postgres, NOTIFY and the gateway, without the HTTP backend.
+        self.from_insert_ms: list[float] = []
         self.recording = False
         self.last_frame_at = 0.0
         self.frames = 0
         self._waiter: asyncio.Event = asyncio.Event()
 
-    def message(self, sock: Socket, stamp: float | None, now: float) -> None:
+    def message(self, sock: Socket, stamp: float | None, created_at: str | None,
+                now: float) -> None:
         self.frames += 1
         self.last_frame_at = now
         if self.recording and stamp is not None:
             self.latencies_ms.append((now - stamp) * 1000.0)
+            if created_at:
+                inserted = datetime.fromisoformat(created_at).timestamp()
+                self.from_insert_ms.append((now - inserted) * 1000.0)
         self._waiter.set()
 
     def changed(self) -> None:
@@ -206,6 +213,3 @@ async def open_socket(
         raise
     return sock
 
-
-def summary(sock: Socket) -> dict[str, Any]:
-    return {"dialog_id": sock.dialog_id, "last_seq": sock.last_seq, "received": sock.received}
