@@ -10,6 +10,7 @@ measured servers, and lets the sockets spread over both cores.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import multiprocessing
 import resource
@@ -214,12 +215,16 @@ class Poster:
 
     async def post(
         self, host: str, port: int, paths: list[str], rate: float, duration: float,
-        max_connections: int = 64,
+        connections: int = 16, max_connections: int = 64,
     ) -> dict[str, Any]:
-        """POST ``{"text": "t=<now>"}`` to ``paths`` round-robin, ``rate`` per second."""
+        """POST ``{"text": "t=<now>"}`` to ``paths`` round-robin, ``rate`` per second.
+
+        ``connections`` keep-alive connections are opened first and taken in turn,
+        so the requests spread over every server worker as many clients' would.
+        """
         loop = asyncio.get_running_loop()
-        idle: list[HttpConnection] = []
-        every: list[HttpConnection] = []
+        every = [HttpConnection(host, port) for _ in range(connections)]
+        idle: collections.deque[HttpConnection] = collections.deque(every)
         statuses: dict[int, int] = {}
         http_ms: list[float] = []
         errors: list[str] = []
@@ -230,7 +235,7 @@ class Poster:
 
         async def one(path: str) -> None:
             if idle:
-                conn = idle.pop()
+                conn = idle.popleft()
             else:
                 conn = HttpConnection(host, port)
                 every.append(conn)
