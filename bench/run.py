@@ -93,6 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=RESULTS,
                         help=f"where <date>.json and <date>.png go (default {RESULTS})")
     parser.add_argument("--no-peer", action="store_true", help="skip the Starlette peer")
+    parser.add_argument("--keep-database", action="store_true",
+                        help="leave the replyx_bench_<hex> database in place afterwards")
     parser.add_argument("--profile-gateway", type=Path, metavar="DIR", default=None,
                         help="record the servers with py-spy during fan-out"
                         " (collapsed stacks, for speedscope or flamegraph.pl)")
@@ -157,8 +159,9 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 
 class Bench:
     def __init__(self, settings: Settings, work: Workload, progress: Progress,
-                 profile_dir: Path | None) -> None:
+                 profile_dir: Path | None, keep_database: bool = False) -> None:
         self.settings = settings
+        self.keep_database = keep_database
         self.work = work
         self.progress = progress
         self.profile_dir = profile_dir
@@ -183,7 +186,7 @@ class Bench:
             if self.poster is not None:
                 self.poster.stop()
             if self.db is not None:
-                self.db.drop()
+                self.db.drop(keep=self.keep_database)
 
     def start(self, factory: Callable[..., Server], *args: Any, **kwargs: Any) -> Server:
         server = factory(*args, **kwargs)
@@ -547,7 +550,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     work = workload_from(args)
     progress = Progress()
-    bench = Bench(settings, work, progress, args.profile_gateway)
+    bench = Bench(settings, work, progress, args.profile_gateway, args.keep_database)
     with bench.running():
         result = bench.run()
     progress(f"done in {time.monotonic() - progress.started:.0f}s")

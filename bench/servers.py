@@ -56,10 +56,12 @@ class BenchDatabase:
             row = conn.execute("SHOW server_version").fetchone()
         return str(row[0]) if row else "?"
 
-    def drop(self) -> None:
-        with contextlib.suppress(psycopg.Error):
-            with psycopg.connect(self.admin_url, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+    def drop(self, keep: bool = False) -> None:
+        """Drop the database (unless ``keep``), and stop the embedded server if we started it."""
+        if not keep:
+            with contextlib.suppress(psycopg.Error):
+                with psycopg.connect(self.admin_url, autocommit=True) as conn:
+                    conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
         if self.embedded is not None and self.started_embedded:
             self.embedded.stop()
 
