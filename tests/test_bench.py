@@ -27,14 +27,8 @@ def test_tiny_bench_reports_every_key_and_loses_nothing(tmp_path: Path, database
         "REPLYX_DATA_DIR": str(tmp_path / "var"),
         "REPLYX_JWT_SECRET": TEST_JWT_SECRET,
     }
-    argv = [str(BIN / "replyx"), "bench", "--tiny", "--json", "--output", str(tmp_path / "out")]
-    if not os.environ.get("DATABASE_URL"):
-        # The session's embedded cluster is thrown away with it. DROP DATABASE would force a
-        # checkpoint, which crashes that cluster if another pytest session on the machine has
-        # just tightened /tmp/pytest-of-<user> (its data directory is under there).
-        argv.append("--keep-database")
     result = subprocess.run(
-        argv,
+        [str(BIN / "replyx"), "bench", "--tiny", "--json", "--output", str(tmp_path / "out")],
         env=env, capture_output=True, text=True, timeout=240, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
