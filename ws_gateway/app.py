@@ -26,7 +26,7 @@ from replyx.pg import libpq_url
 from ws_gateway.events import BadPayloadError, parse_event
 from ws_gateway.handlers import debug
 from ws_gateway.handlers.admin import AdminSocket
-from ws_gateway.handlers.base import CLOSE_RESTARTING
+from ws_gateway.handlers.base import CLOSE_RESTARTING, DialogSocket
 from ws_gateway.handlers.site import SiteSocket
 from ws_gateway.handlers.widget import WidgetSocket
 from ws_gateway.limits import Limiter
@@ -40,9 +40,14 @@ log = logging.getLogger("ws_gateway")
 ID = r"([^/]+)"
 #: replyx.js and the demo admin and widget pages, served under /demo/.
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+# Longest stretch of routing before held frames are flushed and other tasks get a turn.
+BATCH_SECONDS = 0.01
 
 
 class Gateway:
+    #: The router to build; ``replyx bench`` swaps in its naive fan-out for comparison.
+    router_class: type[Router] = Router
+
     def __init__(self, settings: Settings, database_url: str) -> None:
         self.settings = settings
         self.dsn = libpq_url(database_url)
@@ -56,6 +61,8 @@ class Gateway:
         )
         self.stopping = False
         self.queue: asyncio.Queue[str] = asyncio.Queue()
+        # While a batch of notifications is routed: the sockets holding frames to flush.
+        self.corked: list[DialogSocket] | None = None
         self.pool: asyncpg.Pool | None = None
         self.server: HTTPServer | None = None
         self.port: int | None = None
@@ -84,7 +91,7 @@ class Gateway:
             await self.pool.close()
             raise
         self.store = GatewayStore(self.pool)
-        self.router = Router(self.store, self.stats)
+        self.router = self.router_class(self.store, self.stats)
         self.listener = Listener(
             self.dsn,
             schema.CHANNEL,
@@ -151,12 +158,26 @@ class Gateway:
     # -- notifications -----------------------------------------------------------
 
     async def _consume(self) -> None:
+        """Route notifications in batches; each batch's frames leave in one write per socket.
+
+        A batch is what is queued, up to ``BATCH_SECONDS`` of routing. Then the held
+        frames are flushed and the loop yields, so a burst cannot starve the
+        listener's probe, pings and handshakes for longer than one batch.
+        """
         queue = self.queue
         while True:
             payload = await queue.get()
-            await self._handle(payload)
-            while not queue.empty():
-                await self._handle(queue.get_nowait())
+            deadline = time.monotonic() + BATCH_SECONDS
+            self.corked = []
+            try:
+                await self._handle(payload)
+                while not queue.empty() and time.monotonic() < deadline:
+                    await self._handle(queue.get_nowait())
+            finally:
+                corked, self.corked = self.corked, None
+                for sock in corked:
+                    sock.flush_frames()
+            await asyncio.sleep(0)
 
     async def _handle(self, payload: str) -> None:
         self.stats.notifications += 1

@@ -1,0 +1,57 @@
+"""`replyx bench` end to end on a tiny workload: every key is produced and nothing is lost.
+
+Only the shape is checked here; the figures themselves are measured by the
+benchmark on a quiet machine, never asserted by the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.fix_db import TEST_JWT_SECRET
+
+BIN = Path(sys.executable).parent
+
+LATENCY_KEYS = {"latency_ms", "sockets", "rate_msgs_per_s", "lost", "fanout_frames_per_s"}
+
+
+def test_tiny_bench_reports_every_key_and_loses_nothing(tmp_path: Path, database_url: str) -> None:
+    env = {
+        **os.environ,
+        # The bench makes (and drops) a database of its own on this server.
+        "DATABASE_URL": database_url,
+        "REPLYX_DATA_DIR": str(tmp_path / "var"),
+        "REPLYX_JWT_SECRET": TEST_JWT_SECRET,
+    }
+    result = subprocess.run(
+        [str(BIN / "replyx"), "bench", "--tiny", "--json", "--output", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "latency" in result.stderr  # progress went to stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert LATENCY_KEYS | {
+        "naive_fanout_frames_per_s", "notify_route_per_s", "pg_commit_per_s",
+        "rss_kb_per_socket", "peer",
+    } <= report.keys()
+    assert LATENCY_KEYS | {"notify_route_per_s", "rss_kb_per_socket"} <= report["peer"].keys()
+    for side in (report, report["peer"]):
+        assert set(side["latency_ms"]) == {"p50", "p90", "p99", "max"}
+        assert all(side["latency_ms"][k] > 0 for k in ("p50", "p90", "p99", "max"))
+        assert side["lost"] == 0
+        assert side["sockets"] == 40  # admin + widget/site on each of 20 dialogs
+        assert side["fanout_frames_per_s"] > 0
+        assert side["rss_kb_per_socket"] is not None
+    assert report["naive_fanout_frames_per_s"] > 0
+    assert report["notify_route_per_s"] > 0 and report["pg_commit_per_s"] > 0
+
+    # The table and the written files.
+    assert "fan-out frames/s" in result.stdout
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == [f"{report['date']}.json", f"{report['date']}.png"]
+    assert json.loads((tmp_path / "out" / f"{report['date']}.json").read_text())["lost"] == 0
