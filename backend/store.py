@@ -1,4 +1,7 @@
-"""Every query the backend and the CLI make, as small async functions over a session.
+"""Every query the backend and the CLI make, as small async functions.
+
+Most take an ORM session. The hot path (posting a message or a typing event) is one
+Core statement on one connection, authorised inside the statement itself.
 
 Messages are rendered by the database function ``replyx_message_json`` so the
 HTTP API returns byte-for-byte the frame the gateway sends.
@@ -8,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Literal
 
-import orjson
 from sqlalchemy import exists, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from backend.db import Database
 from backend.models import Assistant, Dialog, User
 from replyx import security
 from replyx.schema import CHANNEL
@@ -144,26 +148,12 @@ async def assistant_by_site_token(session: AsyncSession, site_token: str) -> Ass
     )
 
 
-async def dialog_by_guest_token(session: AsyncSession, guest_token: str) -> Dialog | None:
-    return await session.scalar(
-        select(Dialog).where(Dialog.guest_token_hash == security.token_hash(guest_token))
-    )
-
-
 async def operator_dialog(session: AsyncSession, user_id: int, dialog_id: int) -> Dialog | None:
     """The dialog when it belongs to one of the operator's assistants, else ``None``."""
     return await session.scalar(
         select(Dialog)
         .join(Assistant, Assistant.id == Dialog.assistant_id)
         .where(Dialog.id == dialog_id, Assistant.user_id == user_id)
-    )
-
-
-async def assistant_dialog(
-    session: AsyncSession, assistant_id: int, dialog_id: int
-) -> Dialog | None:
-    return await session.scalar(
-        select(Dialog).where(Dialog.id == dialog_id, Dialog.assistant_id == assistant_id)
     )
 
 
@@ -199,21 +189,93 @@ async def create_dialog(session: AsyncSession, assistant_id: int, channel: str) 
     return NewDialog(dialog.id, guest_token)
 
 
-async def add_message(session: AsyncSession, dialog_id: int, sender: str, body: str) -> str:
-    """Insert and commit one message; return it rendered as its frame (a JSON text).
+@dataclass(frozen=True)
+class Principal:
+    """Who writes to a dialog, in a form the database checks in the writing statement.
+
+    ``operator``: a user id from a verified JWT; ``site`` and ``guest``: the SHA-256
+    of a site or guest token (the only form the database keeps).
+    """
+
+    kind: Literal["operator", "site", "guest"]
+    value: int | str
+
+    @classmethod
+    def operator(cls, user_id: int) -> Principal:
+        return cls("operator", user_id)
+
+    @classmethod
+    def site(cls, site_token: str) -> Principal:
+        return cls("site", security.token_hash(site_token))
+
+    @classmethod
+    def guest(cls, guest_token: str) -> Principal:
+        return cls("guest", security.token_hash(guest_token))
+
+
+# "Dialog :dialog_id, if it is the principal's", for each kind of principal. Authorising
+# inside the INSERT makes a message one statement and one commit, not three round trips.
+_THEIR_DIALOG = {
+    "operator": "FROM dialogs d JOIN assistants a ON a.id = d.assistant_id"
+                " WHERE d.id = :dialog_id AND a.user_id = :principal",
+    "site": "FROM dialogs d JOIN assistants a ON a.id = d.assistant_id"
+            " WHERE d.id = :dialog_id AND a.site_token_hash = :principal",
+    "guest": "FROM dialogs d WHERE d.id = :dialog_id AND d.guest_token_hash = :principal",
+}
+_POST_MESSAGE = {
+    kind: text(
+        "INSERT INTO messages (dialog_id, sender, text)"
+        f" SELECT d.id, :sender, :text {source} RETURNING replyx_message_json(messages)"
+    )
+    for kind, source in _THEIR_DIALOG.items()
+}
+_SEND_TYPING = {
+    kind: text(
+        f"SELECT pg_notify('{CHANNEL}', json_build_object("
+        "'type', 'typing', 'dialog_id', d.id, 'sender', CAST(:sender AS text))::text)"
+        f" {source}"
+    )
+    for kind, source in _THEIR_DIALOG.items()
+}
+_PRINCIPAL_EXISTS = {
+    "site": text("SELECT 1 FROM assistants WHERE site_token_hash = :principal"),
+    "guest": text("SELECT 1 FROM dialogs WHERE guest_token_hash = :principal"),
+}
+
+
+async def post_message(
+    db: Database, principal: Principal, dialog_id: int, sender: str, body: str
+) -> str | None:
+    """Insert and commit one message if the dialog is the principal's; return it rendered
+    as its frame (a JSON text), or ``None`` when the dialog is not theirs (or not at all).
 
     The database assigns ``seq`` and sends the NOTIFY when this commits.
     """
-    rendered = await session.scalar(
-        text(
-            "INSERT INTO messages (dialog_id, sender, text) VALUES (:dialog_id, :sender, :text)"
-            " RETURNING replyx_message_json(messages)"
-        ),
-        {"dialog_id": dialog_id, "sender": sender, "text": body},
-    )
-    await session.commit()
-    assert rendered is not None
-    return rendered
+    async with db.engine.begin() as conn:
+        return await conn.scalar(
+            _POST_MESSAGE[principal.kind],
+            {"dialog_id": dialog_id, "principal": principal.value, "sender": sender,
+             "text": body},
+        )
+
+
+async def send_typing(db: Database, principal: Principal, dialog_id: int, sender: str) -> bool:
+    """An ephemeral event: sent through NOTIFY on commit, never stored. False: not theirs."""
+    async with db.engine.begin() as conn:
+        result = await conn.execute(
+            _SEND_TYPING[principal.kind],
+            {"dialog_id": dialog_id, "principal": principal.value, "sender": sender},
+        )
+        return result.first() is not None
+
+
+async def principal_exists(db: Database, principal: Principal) -> bool:
+    """Whether a site or guest token is known at all (operators are checked by their JWT)."""
+    query = _PRINCIPAL_EXISTS.get(principal.kind)
+    if query is None:
+        return True
+    async with db.engine.connect() as conn:
+        return await conn.scalar(query, {"principal": principal.value}) is not None
 
 
 async def messages_since(
@@ -228,13 +290,3 @@ async def messages_since(
         {"dialog_id": dialog_id, "since": since, "limit": limit},
     )
     return list(rows)
-
-
-async def notify_typing(session: AsyncSession, dialog_id: int, sender: str) -> None:
-    """An ephemeral event: sent through NOTIFY on commit, never stored."""
-    payload = orjson.dumps({"type": "typing", "dialog_id": dialog_id, "sender": sender})
-    await session.execute(
-        text("SELECT pg_notify(:channel, :payload)"),
-        {"channel": CHANNEL, "payload": payload.decode()},
-    )
-    await session.commit()

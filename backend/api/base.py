@@ -16,6 +16,7 @@ import psycopg
 import tornado.web
 from sqlalchemy import exc as sa_exc
 
+from backend import store
 from backend.db import Database
 from replyx import security
 from replyx.config import Settings
@@ -172,6 +173,30 @@ class ApiHandler(RedactedRequestLogging, tornado.web.RequestHandler):
         return security.issue_operator_token(
             user_id, self._jwt_secret, self.config.jwt_ttl_seconds
         )
+
+    # -- writing to a dialog ---------------------------------------------------
+
+    async def post_message(
+        self, principal: store.Principal, raw_id: str, sender: str, text: str
+    ) -> None:
+        """Store a message in the principal's dialog and answer 201 with it (the frame)."""
+        rendered = await store.post_message(self.db, principal, parse_id(raw_id), sender, text)
+        if rendered is None:
+            raise await self.not_theirs(principal)
+        self.write_json_text(rendered, 201)
+
+    async def post_typing(self, principal: store.Principal, raw_id: str, sender: str) -> None:
+        """Send an ephemeral typing event to the principal's dialog; answer 204."""
+        if not await store.send_typing(self.db, principal, parse_id(raw_id), sender):
+            raise await self.not_theirs(principal)
+        self.set_status(204)
+        self.finish()
+
+    async def not_theirs(self, principal: store.Principal) -> ApiError:
+        """The refusal for a write that matched no dialog: an unknown token, or not theirs."""
+        if not await store.principal_exists(self.db, principal):
+            return ApiError(401, f"invalid {principal.kind} token")
+        return ApiError(404, "dialog not found")
 
     # -- output ------------------------------------------------------------
 

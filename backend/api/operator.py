@@ -41,17 +41,11 @@ class MessagesHandler(OperatorHandler):
         self.finish(body)
 
     async def post(self, raw_id: str) -> None:
-        dialog = await self.own_dialog(raw_id)
+        principal = store.Principal.operator(self.operator_id())
         text = self.message_text(self.json_body())
-        async with self.db.session() as session:
-            rendered = await store.add_message(session, dialog.id, "operator", text)
-        self.write_json_text(rendered, 201)
+        await self.post_message(principal, raw_id, "operator", text)
 
 
 class TypingHandler(OperatorHandler):
     async def post(self, raw_id: str) -> None:
-        dialog = await self.own_dialog(raw_id)
-        async with self.db.session() as session:
-            await store.notify_typing(session, dialog.id, "operator")
-        self.set_status(204)
-        self.finish()
+        await self.post_typing(store.Principal.operator(self.operator_id()), raw_id, "operator")

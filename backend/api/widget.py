@@ -9,8 +9,7 @@ from __future__ import annotations
 import logging
 
 from backend import store
-from backend.api.base import ApiError, ApiHandler, parse_id
-from backend.models import Dialog
+from backend.api.base import ApiError, ApiHandler
 from replyx.origins import effective_origin, origin_allowed
 
 log = logging.getLogger("backend.widget")
@@ -31,18 +30,11 @@ class WidgetHandler(ApiHandler):
         self.set_status(204)
         self.finish()
 
-    async def guest_dialog(self, raw_id: str) -> Dialog:
+    def guest(self) -> store.Principal:
         token = self.bearer_or_query("guest_token")
         if not token:
             raise ApiError(401, "guest_token is required")
-        dialog_id = parse_id(raw_id)
-        async with self.db.session() as session:
-            dialog = await store.dialog_by_guest_token(session, token)
-        if dialog is None:
-            raise ApiError(401, "invalid guest token")
-        if dialog.id != dialog_id:
-            raise ApiError(404, "dialog not found")
-        return dialog
+        return store.Principal.guest(token)
 
 
 class WidgetDialogsHandler(WidgetHandler):
@@ -72,17 +64,11 @@ class WidgetDialogsHandler(WidgetHandler):
 
 class WidgetMessagesHandler(WidgetHandler):
     async def post(self, raw_id: str) -> None:
-        dialog = await self.guest_dialog(raw_id)
+        principal = self.guest()
         text = self.message_text(self.json_body())
-        async with self.db.session() as session:
-            rendered = await store.add_message(session, dialog.id, "visitor", text)
-        self.write_json_text(rendered, 201)
+        await self.post_message(principal, raw_id, "visitor", text)
 
 
 class WidgetTypingHandler(WidgetHandler):
     async def post(self, raw_id: str) -> None:
-        dialog = await self.guest_dialog(raw_id)
-        async with self.db.session() as session:
-            await store.notify_typing(session, dialog.id, "visitor")
-        self.set_status(204)
-        self.finish()
+        await self.post_typing(self.guest(), raw_id, "visitor")
