@@ -146,7 +146,10 @@ class Listener:
         self.on_payload(payload)
 
     def _on_terminated(self, conn: object) -> None:
-        self._lost.set()
+        # asyncpg calls this with call_soon, so it may run after we dropped that connection
+        # and opened the next one: only the current connection's end means "lost".
+        if conn is self._conn:
+            self._lost.set()
 
     async def _watch(self) -> str:
         """Return (with a reason) once the connection is known to be dead."""
