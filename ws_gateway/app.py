@@ -79,9 +79,12 @@ class Gateway:
             await self.pool.close()
             raise
         self.store = GatewayStore(self.pool)
-        self.router = Router(self.store, self.stats)
+        # Replays go out in chunks well under the per-socket buffer limit (see Router).
+        replay_chunk = max(16 * 1024, self.settings.socket_buffer_limit // 4)
+        self.router = Router(self.store, self.stats, replay_chunk=replay_chunk)
+        listen_url = self.settings.listen_database_url
         self.listener = Listener(
-            self.dsn,
+            libpq_url(listen_url) if listen_url else self.dsn,
             schema.CHANNEL,
             self.queue.put_nowait,
             self.router.resync_all,
