@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +62,28 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     else:
-        embedded = EmbeddedPostgres(tmp_path_factory.mktemp("embedded"))
-        url = embedded.ensure_running()
-        schema.upgrade(url)
-        yield url
-        embedded.stop()
+        with cluster_dir() as data_dir:
+            embedded = EmbeddedPostgres(data_dir)
+            url = embedded.ensure_running()
+            schema.upgrade(url)
+            yield url
+            embedded.stop()
+
+
+@contextlib.contextmanager
+def cluster_dir() -> Iterator[Path]:
+    """A data directory for an embedded cluster, outside pytest's temporary directories.
+
+    Run as root, the embedded server runs as the unprivileged ``pgserver`` user, which
+    must be able to reach its data directory. Every pytest session that starts resets
+    ``/tmp/pytest-of-<user>`` to mode 0700, so a concurrent session would lock the
+    server out of a cluster kept under ``tmp_path`` (pg_ctl: "Permission denied").
+    """
+    path = Path(tempfile.mkdtemp(prefix="replyx-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
