@@ -164,6 +164,16 @@ async def test_gateway_cut_off_from_the_database_catches_up(
         await poster.stop()
         await assert_match_database(database_url, dialog_id, clients)
         assert all(c.connects == 1 for c in clients)
+
+        # Stopped (SIGTERM) in the middle of a partition: still prompt, still 1012.
+        proxy.blackhole()
+        await wait_status(f"{base}/health", 503, timeout=30)
+        started = time.monotonic()
+        await gateway.stop()
+        assert time.monotonic() - started < 10  # supervisord's stopwaitsecs
+        for client in clients:
+            await client.wait_until(lambda c=client: bool(c.close_codes), 10, "a close")
+            assert client.close_codes[0] == 1012
     finally:
         await sockets.close_all()
         await gateway.stop()

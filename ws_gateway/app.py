@@ -138,7 +138,12 @@ class Gateway:
         if hasattr(self, "router"):
             await self.router.close()
         if self.pool is not None:
-            await self.pool.close()
+            try:
+                # Politely, but briefly: across a network partition each connection's close
+                # would wait out command_timeout, and SIGTERM must exit within 10 s.
+                await asyncio.wait_for(self.pool.close(), 2)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                self.pool.terminate()
 
     # -- notifications -----------------------------------------------------------
 
