@@ -234,9 +234,13 @@ async def test_postgres_restart_mid_stream(own_cluster: OwnCluster) -> None:
     assert down.code == 503
     assert down.body == {"error": "database unavailable, retry shortly"}
     assert down.headers["Retry-After"] == "1"
+    # A socket opened meanwhile is told to come back later, not that it is unauthorised.
+    assert await own_cluster.sockets.refused(
+        own_cluster.sockets.site_url(tenant, dialog_id)
+    ) == 1013
 
     await asyncio.to_thread(own_cluster.pg.start)
-    await wait_status(f"{gateway_base}/health", 200, timeout=60)
+    back = await wait_status(f"{gateway_base}/health", 200, timeout=60)
     created = poster.created
     await poster.wait_created(created + 20)  # the backend's pool recovered
     await poster.stop()
@@ -245,6 +249,10 @@ async def test_postgres_restart_mid_stream(own_cluster: OwnCluster) -> None:
     assert {status for status, _ in during} == {503}, during
     # "Quickly": a refused connection, not a timeout (connect_timeout is 5 s).
     assert max(seconds for _, seconds in during) < 5, during
+    logging.getLogger("tests").warning(
+        "postgres restart: 503 answers took at most %.3fs; gateway healthy %.2fs after start",
+        max(seconds for _, seconds in during), back,
+    )
     await assert_match_database(own_cluster.url, dialog_id, clients)
     assert gateway.listener.reconnects >= 1
     assert all(c.connects == 1 and c.close_codes == [] for c in clients)

@@ -66,6 +66,7 @@ async def test_backend_master_killed_leaves_sockets_untouched(
 
     master = await pid_of(stack, "backend")
     os.kill(master, signal.SIGKILL)
+    killed_at = time.monotonic()
     # Other writers go on while the backend is away, and their messages still arrive.
     sql.execute(INSERT, (dialog_id, "system", "written while the backend restarts"))
     await clients[0].wait_for_seq(6)
@@ -74,6 +75,7 @@ async def test_backend_master_killed_leaves_sockets_untouched(
         assert time.monotonic() < deadline, "supervisord did not restart the backend"
         await asyncio.sleep(0.2)
     await wait_healthy(f"{stack.api}/health")
+    log.warning("backend SIGKILL: healthy again after %.2fs", time.monotonic() - killed_at)
     for i in range(5):
         await api.post_site(tenant, dialog_id, f"after {i}")
 
@@ -111,6 +113,7 @@ async def test_gateway_sigterm_closes_1012_and_clients_resume_without_loss(
     # and the clients (DialogClient: backoff, then since=<last seq>) resume.
     for client in clients:
         await client.wait_ready(timeout=60)
+    resumed_after = time.monotonic() - started
     await poster.wait_created(poster.created + 20)
     await poster.stop()
 
@@ -122,8 +125,9 @@ async def test_gateway_sigterm_closes_1012_and_clients_resume_without_loss(
     gateway_log = stack.log("gateway")
     assert "closing 3 socket(s) with 1012" in gateway_log
     assert "exited: gateway (exit status 0; expected)" in stack.log("supervisord")
-    log.warning("gateway SIGTERM: every socket closed and the process gone in %.2fs",
-                exited_after)
+    log.warning("gateway SIGTERM: every socket closed and the process gone in %.2fs;"
+                " clients live again on the restarted gateway after %.2fs",
+                exited_after, resumed_after)
     await sockets.close_all()
 
 
