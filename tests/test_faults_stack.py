@@ -22,6 +22,7 @@ import orjson
 import psutil
 import psycopg
 import pytest
+from tornado.httpclient import AsyncHTTPClient
 
 from replyx.client import DialogClient
 from tests.checks import Poster, assert_match_database, get_json, open_three, site_poster
@@ -37,17 +38,25 @@ async def pid_of(stack: Stack, program: str) -> int:
     return int((await asyncio.to_thread(stack.ctl, "pid", program)).strip())
 
 
-async def wait_healthy(url: str, timeout: float = 60.0) -> None:  # noqa: ASYNC109
-    """Poll ``url`` until it answers 200; refused connections count as "not yet"."""
+async def wait_served_by_children_of(stack: Stack, master: int, timeout: float = 60) -> None:  # noqa: ASYNC109
+    """Wait until ``/health`` is answered by a worker of gunicorn ``master``.
+
+    Right after the old master was killed its orphaned workers still hold the listening
+    socket and answer, until they notice and exit; the new master binds only after that.
+    """
     deadline = time.monotonic() + timeout
+    http = AsyncHTTPClient()
     while True:
         try:
-            if (await get_json(url))[0] == 200:
+            response = await http.fetch(f"{stack.api}/health", raise_error=False,
+                                        request_timeout=5)
+            worker = int(response.headers.get("X-Replyx-Worker", 0))
+            if response.code == 200 and psutil.Process(worker).ppid() == master:
                 return
-        except OSError:
+        except (OSError, psutil.Error):
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} not healthy within {timeout}s")
+            raise TimeoutError(f"no worker of gunicorn {master} answered within {timeout}s")
         await asyncio.sleep(0.1)
 
 
@@ -74,7 +83,7 @@ async def test_backend_master_killed_leaves_sockets_untouched(
     while (new_master := await pid_of(stack, "backend")) in (master, 0):
         assert time.monotonic() < deadline, "supervisord did not restart the backend"
         await asyncio.sleep(0.2)
-    await wait_healthy(f"{stack.api}/health")
+    await wait_served_by_children_of(stack, new_master)
     log.warning("backend SIGKILL: healthy again after %.2fs", time.monotonic() - killed_at)
     for i in range(5):
         await api.post_site(tenant, dialog_id, f"after {i}")
