@@ -35,7 +35,25 @@ log = logging.getLogger("tests")
 
 
 async def pid_of(stack: Stack, program: str) -> int:
-    return int((await asyncio.to_thread(stack.ctl, "pid", program)).strip())
+    """The program's pid, 0 while supervisord has it stopped or starting."""
+    out = await asyncio.to_thread(stack.ctl, "pid", program, check=False)
+    return int(out.strip()) if out.strip().isdigit() else 0
+
+
+async def healthy(stack: Stack, timeout: float = 60) -> None:  # noqa: ASYNC109
+    """Wait until the backend and the gateway both answer /health with 200, so a test
+    starts on a whole stack even if the one before it left a process restarting."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if all([(await get_json(f"{base}/health"))[0] == 200
+                    for base in (stack.api, stack.gateway)]):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the stack was not healthy within {timeout}s")
+        await asyncio.sleep(0.1)
 
 
 async def wait_served_by_children_of(stack: Stack, master: int, timeout: float = 60) -> None:  # noqa: ASYNC109
@@ -67,6 +85,7 @@ async def wait_served_by_children_of(stack: Stack, master: int, timeout: float =
 async def test_backend_master_killed_leaves_sockets_untouched(
     stack: Stack, tenant: Tenant, database_url: str, sql: psycopg.Connection[Any]
 ) -> None:
+    await healthy(stack)
     api, sockets = Api(stack.api), Sockets(stack.ws)
     dialog_id, guest = await api.widget_dialog(tenant)
     clients = await open_three(sockets, tenant, dialog_id, guest, since=0)
@@ -102,6 +121,7 @@ async def test_backend_master_killed_leaves_sockets_untouched(
 async def test_gateway_sigterm_closes_1012_and_clients_resume_without_loss(
     stack: Stack, tenant: Tenant, database_url: str
 ) -> None:
+    await healthy(stack)
     api, sockets = Api(stack.api), Sockets(stack.ws)
     dialog_id, guest = await api.widget_dialog(tenant)
     clients = await open_three(sockets, tenant, dialog_id, guest, since=0)
@@ -237,6 +257,7 @@ async def test_slow_consumer_is_closed_4008_and_others_are_unaffected(
 ) -> None:
     """Stalled sockets while a 14 MB stream flows: small frames are copied into each
     socket's write buffer, so without the limit the gateway would hold 4 x 14 MB."""
+    await healthy(stack)
     api, sockets = Api(stack.api), Sockets(stack.ws)
     dialog_id, guest = await api.widget_dialog(tenant)
     readers = [
