@@ -66,6 +66,9 @@ class Settings:
 
     data_dir: Path
     database_url: str | None = None
+    # The gateway's LISTEN connection, when it must bypass what DATABASE_URL points at
+    # (a transaction-mode pgbouncer cannot LISTEN). Default: DATABASE_URL.
+    listen_database_url: str | None = None
     backend_port: int = 8000
     gateway_port: int = 8001
     nginx_port: int = 8080
@@ -104,6 +107,7 @@ class Settings:
         kwargs: dict[str, Any] = {
             "data_dir": data_dir,
             "database_url": env.get("DATABASE_URL") or None,
+            "listen_database_url": env.get("REPLYX_LISTEN_DATABASE_URL") or None,
             "backend_port": _cast(env, "BACKEND_PORT", _port, 8000),
             "gateway_port": _cast(env, "GATEWAY_PORT", _port, 8001),
             "nginx_port": _cast(env, "NGINX_PORT", _port, 8080),

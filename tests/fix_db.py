@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import secrets
 import shutil
@@ -63,18 +64,30 @@ def database_url() -> Iterator[str]:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     else:
-        # Not under pytest's basetemp: another pytest session starting up resets that tree to
-        # mode 0700, and the server (running as an unprivileged user when we are root) would
-        # lose its data directory and shut down.
-        data_dir = Path(tempfile.mkdtemp(prefix="replyx-test-pg-"))
-        embedded = EmbeddedPostgres(data_dir)
-        watch_dir(data_dir)  # its postgres.log is scanned for secrets too
-        url = embedded.ensure_running()
-        schema.upgrade(url)
-        yield url
-        embedded.stop()
-        keep_logs_of(data_dir)
-        shutil.rmtree(data_dir, ignore_errors=True)
+        with cluster_dir() as data_dir:
+            embedded = EmbeddedPostgres(data_dir)
+            url = embedded.ensure_running()
+            schema.upgrade(url)
+            yield url
+            embedded.stop()
+
+
+@contextlib.contextmanager
+def cluster_dir() -> Iterator[Path]:
+    """A data directory for an embedded cluster, outside pytest's temporary directories.
+
+    Run as root, the embedded server runs as the unprivileged ``pgserver`` user, which
+    must be able to reach its data directory. Every pytest session that starts resets
+    ``/tmp/pytest-of-<user>`` to mode 0700, so a concurrent session would lock the
+    server out of a cluster kept under ``tmp_path`` (pg_ctl: "Permission denied").
+    """
+    path = Path(tempfile.mkdtemp(prefix="replyx-test-"))
+    watch_dir(path)  # its postgres.log is scanned for secrets too
+    try:
+        yield path
+    finally:
+        keep_logs_of(path)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

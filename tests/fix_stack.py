@@ -3,13 +3,12 @@ the gateway, nginx when installed) on free ports, against the test database."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -18,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from replyx.pg import EmbeddedPostgres
-from tests.fix_db import TEST_JWT_SECRET
-from tests.fix_secrets import TOKEN_SHAPES, keep_logs_of, remember, watch_dir
+from tests.fix_db import TEST_JWT_SECRET, cluster_dir
+from tests.fix_secrets import TOKEN_SHAPES, remember, watch_dir
 
 BIN = Path(sys.executable).parent
 
@@ -165,27 +164,23 @@ def make_stack(
     tmp_path: Path, database_url: str
 ) -> Iterator[Callable[..., Stack]]:
     stacks: list[Stack] = []
-    private_dirs: list[Path] = []
+    with contextlib.ExitStack() as private_dirs:
 
-    def make(*args: str, embedded: bool = False, **env: str) -> Stack:
-        if embedded:
-            # Its Postgres runs as an unprivileged user and must keep reaching its data dir,
-            # which pytest's basetemp does not guarantee (see tests/fix_db.py).
-            data_dir = Path(tempfile.mkdtemp(prefix="replyx-stack-"))
-            private_dirs.append(data_dir)
-        else:
-            data_dir = tmp_path / f"stack{len(stacks)}"
-        stack = Stack(data_dir, None if embedded else database_url, **env)
-        stacks.append(stack)
-        return stack.start(*args)
+        def make(*args: str, embedded: bool = False, **env: str) -> Stack:
+            if embedded:
+                # Its Postgres runs as an unprivileged user and must keep reaching its data
+                # dir, which pytest's basetemp does not guarantee (see cluster_dir).
+                data_dir = private_dirs.enter_context(cluster_dir())
+                private_dirs.callback(EmbeddedPostgres(data_dir).stop)
+            else:
+                data_dir = tmp_path / f"stack{len(stacks)}"
+            stack = Stack(data_dir, None if embedded else database_url, **env)
+            stacks.append(stack)
+            return stack.start(*args)
 
-    yield make
-    for stack in stacks:
-        stack.stop()
-    for data_dir in private_dirs:
-        EmbeddedPostgres(data_dir).stop()
-        keep_logs_of(data_dir)
-        shutil.rmtree(data_dir, ignore_errors=True)
+        yield make
+        for stack in stacks:
+            stack.stop()
 
 
 @pytest.fixture(scope="module")

@@ -91,9 +91,12 @@ class Gateway:
             await self.pool.close()
             raise
         self.store = GatewayStore(self.pool)
-        self.router = self.router_class(self.store, self.stats)
+        # Replays go out in chunks well under the per-socket buffer limit (see Router).
+        replay_chunk = max(16 * 1024, self.settings.socket_buffer_limit // 4)
+        self.router = self.router_class(self.store, self.stats, replay_chunk=replay_chunk)
+        listen_url = self.settings.listen_database_url
         self.listener = Listener(
-            self.dsn,
+            libpq_url(listen_url) if listen_url else self.dsn,
             schema.CHANNEL,
             self.queue.put_nowait,
             self.router.resync_all,
@@ -153,7 +156,12 @@ class Gateway:
         if hasattr(self, "router"):
             await self.router.close()
         if self.pool is not None:
-            await self.pool.close()
+            try:
+                # Politely, but briefly: across a network partition each connection's close
+                # would wait out command_timeout, and SIGTERM must exit within 10 s.
+                await asyncio.wait_for(self.pool.close(), 2)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                self.pool.terminate()
 
     # -- notifications -----------------------------------------------------------
 

@@ -89,7 +89,9 @@ class Listener:
         while self.state != "stopped":
             try:
                 await self._connect()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except Exception as exc:
+                # Whatever went wrong, this loop must go on: if it ended, the gateway would
+                # stop delivering without anyone noticing.
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 attempt += 1
                 delay = min(self.backoff_max, 0.25 * 2 ** min(attempt - 1, 10))
@@ -146,7 +148,10 @@ class Listener:
         self.on_payload(payload)
 
     def _on_terminated(self, conn: object) -> None:
-        self._lost.set()
+        # asyncpg calls this with call_soon, so it may run after we dropped that connection
+        # and opened the next one: only the current connection's end means "lost".
+        if conn is self._conn:
+            self._lost.set()
 
     async def _watch(self) -> str:
         """Return (with a reason) once the connection is known to be dead."""
@@ -161,7 +166,10 @@ class Listener:
                 await asyncio.wait_for(conn.fetchval("SELECT 1"), self.probe_timeout)
             except TimeoutError:
                 return f"probe unanswered for {self.probe_timeout:.1f}s"
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:
+                # Not only OSError and asyncpg's errors: when the server ends the session in
+                # the middle of the probe, asyncpg may raise InternalClientError ("cannot
+                # switch to state 12"). In every case this connection is done.
                 return f"probe failed: {type(exc).__name__}: {exc}"
 
     async def _close_conn(self) -> None:

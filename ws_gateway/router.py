@@ -13,6 +13,17 @@ A new socket joins the same way (it starts catching up from its ``since``), and
 after the listener reconnects every socket catches up, which is what fills the
 gap left by notifications lost while it was down. Catching up has no await
 between "buffer drained" and "live", so nothing can slip between the two.
+
+A catch-up may go live only on a query whose snapshot was taken while
+notifications were flowing: when some may have been lost (the listener
+reconnected, or a ``message_ref`` could not be read) the router's
+``generation`` moves on, and a catch-up whose query began before that queries
+again. Without this, a commit between a catch-up's snapshot and the new LISTEN
+would be in neither and would reach the socket only with the next message.
+
+Replayed frames are written in chunks of ``replay_chunk`` bytes, each waiting
+until the socket has handed the previous one to the kernel, so a long replay
+never overflows the per-socket write buffer of a client that reads normally.
 """
 
 from __future__ import annotations
@@ -45,7 +56,10 @@ class Subscriber(Protocol):
         """Queue a complete frame; False when the socket is gone or closing."""
 
     async def drained(self) -> None:
-        """Wait until what was queued so far has been handed to the kernel."""
+        """Wait until what was queued so far has been handed to the kernel.
+
+        A socket that cannot get there within its grace closes itself (4008) and returns.
+        """
 
     @property
     def is_open(self) -> bool: ...
@@ -56,11 +70,15 @@ class Subscriber(Protocol):
 class Router:
     """Dialog id → its sockets, and the routing of events to them."""
 
-    def __init__(self, store: GatewayStore, stats: Stats) -> None:
+    def __init__(
+        self, store: GatewayStore, stats: Stats, *, replay_chunk: int = 256 * 1024
+    ) -> None:
         self.store = store
         self.stats = stats
+        self.replay_chunk = replay_chunk
         self.channels: dict[int, set[Subscriber]] = {}
         self._tick = 0  # counts routed message events; orders buffer entries against queries
+        self._generation = 0  # moves on whenever notifications may have been lost
         self._tasks: set[asyncio.Task[None]] = set()
         self.last_lag: float | None = None
         # Dialogs still catching up after a listener reconnect; /health is 503 until zero.
@@ -155,7 +173,23 @@ class Router:
         if not self.channels.get(event.dialog_id):
             self._tick += 1
             return
-        payload = await self.store.message_by_ref(event.dialog_id, event.seq, event.message_id)
+        try:
+            payload = await self.store.message_by_ref(
+                event.dialog_id, event.seq, event.message_id
+            )
+        except Exception as exc:
+            if not self.store.is_unavailable(exc):
+                raise
+            # The row is committed but cannot be read now: treat it as a lost notification.
+            # The dialog's sockets catch up from the database, which retries until it can.
+            log.warning(
+                "message_ref dialog_id=%d seq=%d unreadable (%s); the dialog catches up",
+                event.dialog_id, event.seq, exc,
+            )
+            self._tick += 1
+            self._generation += 1
+            self.resync(event.dialog_id)
+            return
         if payload is None:
             log.warning(
                 "dropped message_ref dialog_id=%d seq=%d id=%d: no such message",
@@ -166,17 +200,26 @@ class Router:
         self.route(Event("message", event.dialog_id, event.seq, event.message_id, payload))
 
     def resync_all(self) -> None:
-        """After the listener (re)connects: every socket catches up from the database."""
-        by_dialog: dict[int, list[Subscriber]] = {}
-        for sub in self.subscribers():
-            if sub.buffer is None:
-                sub.buffer = []
-                by_dialog.setdefault(sub.dialog_id, []).append(sub)
-        for dialog_id, subs in by_dialog.items():
-            self.resyncing += 1
-            self.spawn(self._resync(dialog_id, subs))
-        if by_dialog:
-            log.info("resyncing %d dialog(s) from the database", len(by_dialog))
+        """After the listener (re)connects: every socket catches up from the database.
+
+        Sockets already catching up are left to their catch-up, which queries again
+        because the generation moved on.
+        """
+        self._generation += 1
+        dialogs = [dialog_id for dialog_id in self.channels if self.resync(dialog_id)]
+        if dialogs:
+            log.info("resyncing %d dialog(s) from the database", len(dialogs))
+
+    def resync(self, dialog_id: int) -> bool:
+        """Make the live sockets of one dialog catch up; False when none was live."""
+        subs = [sub for sub in self.sockets_of(dialog_id) if sub.buffer is None]
+        if not subs:
+            return False
+        for sub in subs:
+            sub.buffer = []
+        self.resyncing += 1
+        self.spawn(self._resync(dialog_id, subs))
+        return True
 
     async def _resync(self, dialog_id: int, subs: list[Subscriber]) -> None:
         try:
@@ -198,6 +241,7 @@ class Router:
         delay = 0.2
         while pending:
             tick_before = self._tick
+            generation = self._generation
             low = min(s.sent_seq for s in pending)
             try:
                 rows = await self.store.messages_after(dialog_id, low, REPLAY_PAGE)
@@ -213,15 +257,24 @@ class Router:
                 pending = [s for s in pending if s.is_open]
                 continue
             delay = 0.2
+            queued = 0
             for seq, payload in rows:
                 frame = text_frame(payload)
                 for sub in pending:
                     if seq == sub.sent_seq + 1 and sub.write_frame(frame):
                         sub.sent_seq = seq
                         self.stats.frames_replayed += 1
+                queued += len(frame)
+                if queued >= self.replay_chunk:
+                    # Routed frames keep going to the buffers while we wait.
+                    pending = await self._drained(pending)
+                    queued = 0
             if len(rows) == REPLAY_PAGE:
                 # A long history: let the sockets drain before the next page.
-                await asyncio.gather(*(s.drained() for s in pending if s.is_open))
+                pending = await self._drained(pending)
+                continue
+            if self._generation != generation:
+                # Notifications may have been lost after this query's snapshot: query again.
                 pending = [s for s in pending if s.is_open]
                 continue
             # The database had nothing newer when the query ran. Drain the buffers: no await
@@ -237,6 +290,11 @@ class Router:
                 else:
                     still.append(sub)
             pending = still
+
+    @staticmethod
+    async def _drained(subs: list[Subscriber]) -> list[Subscriber]:
+        await asyncio.gather(*(s.drained() for s in subs if s.is_open))
+        return [s for s in subs if s.is_open]
 
     def _drain_buffer(self, sub: Subscriber, tick_before: int) -> bool:
         """Write buffered frames in order; False if a gap remains (read the database again)."""

@@ -286,34 +286,37 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         stream = self._stream
         if stream is None or self._closing:
             return
+        grace = self.gateway.settings.slow_close_grace
         try:
-            await stream.write(b"")
+            await asyncio.wait_for(stream.write(b""), grace)
         except StreamClosedError:
             pass
+        except TimeoutError:
+            # It stopped reading in the middle of a replay; the replay must not wait for it.
+            self._too_slow(f"replay not read for {grace:.0f}s")
 
-    def _too_slow(self) -> None:
+    def _too_slow(self, detail: str = "") -> None:
         self.gateway.stats.slow_consumers_dropped += 1
+        detail = detail or f"write buffer over {self.gateway.settings.socket_buffer_limit} bytes"
         log.warning(
-            "%s slow consumer dialog_id=%d sent_seq=%d: write buffer over %d bytes, closing %d",
-            self.tag, self.dialog_id, self.sent_seq, self.gateway.settings.socket_buffer_limit,
-            CLOSE_TOO_SLOW,
+            "%s slow consumer dialog_id=%d sent_seq=%d: %s, closing %d",
+            self.tag, self.dialog_id, self.sent_seq, detail, CLOSE_TOO_SLOW,
         )
         self._close(CLOSE_TOO_SLOW, "client too slow, resume with since")
 
     def _close(self, code: int, reason: str) -> None:
         if self._closing:
             return
-        self._closing = True
         self._server_close_code = code
-        if self._stream is not None:
-            # The close frame must get past the limit that just tripped.
-            self._stream.max_write_buffer_size = None
         self.close(code, reason)
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         self._closing = True
         if self._server_close_code is None:
             self._server_close_code = code
+        if self._stream is not None:
+            # The close frame must get past the buffer limit (a full buffer would raise).
+            self._stream.max_write_buffer_size = None
         super().close(code, reason)
 
     # -- client frames ------------------------------------------------------------

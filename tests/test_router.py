@@ -1,0 +1,184 @@
+"""The router's catch-up races, made deterministic with an in-memory store (a pure unit).
+
+The fault tests in ``test_faults.py`` hit these windows only by luck; here the store
+answers a catch-up query when the test says so, so the interleaving is exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from ws_gateway.events import Event
+from ws_gateway.router import Router
+from ws_gateway.stats import Stats
+
+DIALOG = 7
+
+
+def message(seq: int, text: str = "") -> bytes:
+    return orjson.dumps({
+        "type": "message", "dialog_id": DIALOG, "seq": seq, "id": 100 + seq,
+        "sender": "visitor", "text": text or f"m{seq}", "created_at": "2030-01-01T00:00:00+00:00",
+    })
+
+
+def payload_of(frame: bytes) -> dict[str, Any]:
+    length = frame[1] & 0x7F
+    offset = 2
+    if length == 126:
+        length, offset = struct.unpack("!H", frame[2:4])[0], 4
+    elif length == 127:
+        length, offset = struct.unpack("!Q", frame[2:10])[0], 10
+    return orjson.loads(frame[offset:offset + length])
+
+
+class Store:
+    """The committed rows of one dialog; a query takes its snapshot when it is called."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, bytes] = {}
+        self.gate: asyncio.Event | None = None  # when set up, queries wait for it
+        self.queries = 0
+        self.ref_failures = 0
+
+    def commit(self, seq: int) -> None:
+        self.rows[seq] = message(seq)
+
+    @staticmethod
+    def is_unavailable(exc: BaseException) -> bool:
+        return isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError)
+
+    async def last_seq(self, dialog_id: int) -> int:
+        return max(self.rows, default=0)
+
+    async def messages_after(self, dialog_id: int, since: int, limit: int) -> list[Any]:
+        self.queries += 1
+        snapshot = [(seq, self.rows[seq]) for seq in sorted(self.rows) if seq > since][:limit]
+        if self.gate is not None:
+            await self.gate.wait()
+        return snapshot
+
+    async def message_by_ref(self, dialog_id: int, seq: int, message_id: int) -> bytes | None:
+        if self.ref_failures:
+            self.ref_failures -= 1
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection lost")
+        return self.rows.get(seq)
+
+
+class Socket:
+    kind = "admin"
+    dialog_id = DIALOG
+
+    def __init__(self) -> None:
+        self.sent_seq = 0
+        self.buffer: list[tuple[int, int, bytes]] | None = None
+        self.frames: list[dict[str, Any]] = []
+
+    def write_frame(self, frame: bytes) -> bool:
+        self.frames.append(payload_of(frame))
+        return True
+
+    async def drained(self) -> None:
+        await asyncio.sleep(0)
+
+    @property
+    def is_open(self) -> bool:
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        raise AssertionError(f"closed {code}")
+
+    @property
+    def seqs(self) -> list[int]:
+        return [f["seq"] for f in self.frames if f["type"] == "message"]
+
+
+async def until(condition: Any) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never became true")
+
+
+@pytest.fixture
+def store() -> Store:
+    return Store()
+
+
+@pytest.fixture
+def router(store: Store) -> Router:
+    return Router(store, Stats(CollectorRegistry()))  # type: ignore[arg-type]
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_commit_between_a_joins_snapshot_and_a_new_listen_is_not_missed(
+    store: Store, router: Router
+) -> None:
+    """A socket joins while the listener is down. Its replay query takes its snapshot
+    (seq 1..5); seq 6 commits; the listener comes back (so 6 is never notified) while
+    the replay is still on its way. The socket must still get 6, without waiting for 7."""
+    for seq in range(1, 6):
+        store.commit(seq)
+    store.gate = asyncio.Event()
+    sock = Socket()
+    join = asyncio.ensure_future(router.join(sock, since=0))
+    await until(lambda: store.queries == 1)
+    store.commit(6)
+    router.resync_all()  # the listener reconnected
+    store.gate.set()
+    await asyncio.wait_for(join, 5)
+    assert sock.seqs == [1, 2, 3, 4, 5, 6]
+    assert sock.frames[-1] == {"type": "ready", "dialog_id": DIALOG, "last_seq": 6}
+    assert sock.buffer is None
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_unreadable_message_ref_is_caught_up_from_the_database(
+    store: Store, router: Router
+) -> None:
+    """A big message's row cannot be read when its ``message_ref`` arrives (the pool lost
+    its connection): the socket catches up from the database instead of losing it."""
+    for seq in range(1, 4):
+        store.commit(seq)
+    sock = Socket()
+    await router.join(sock, since=0)
+    store.commit(4)
+    store.ref_failures = 1
+    await router.resolve_and_route(Event("message_ref", DIALOG, 4, 104))
+    await until(lambda: sock.buffer is None and sock.sent_seq == 4)
+    assert sock.seqs == [1, 2, 3, 4]
+    # Live again: the next notification goes straight out.
+    store.commit(5)
+    router.route(Event("message", DIALOG, 5, 105, message(5), None))
+    assert sock.seqs == [1, 2, 3, 4, 5]
+    assert router.resyncing == 0
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_long_replay_waits_for_the_socket_between_chunks(
+    store: Store, router: Router
+) -> None:
+    """A replay larger than ``replay_chunk`` waits for the socket to drain between chunks."""
+    router.replay_chunk = 10_000
+    text = "ж" * 3000  # 6000 bytes a message
+    for seq in range(1, 11):
+        store.rows[seq] = message(seq, text)
+    drains: list[int] = []
+
+    class Counting(Socket):
+        async def drained(self) -> None:
+            drains.append(self.sent_seq)
+            await asyncio.sleep(0)
+
+    sock = Counting()
+    await router.join(sock, since=0)
+    assert sock.seqs == list(range(1, 11))
+    assert drains == [2, 4, 6, 8, 10]
