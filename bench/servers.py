@@ -18,14 +18,13 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 import psycopg
 
 from bench.load import raise_fd_limit
 from replyx import schema, security
-from replyx.pg import EmbeddedPostgres, libpq_url
+from replyx.pg import EmbeddedPostgres, libpq_url, with_database
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -41,11 +40,11 @@ class BenchDatabase:
             self.embedded = EmbeddedPostgres(data_dir / "bench")
             self.started_embedded = not self.embedded.is_running()
             server_url = self.embedded.ensure_running()
-        self.admin_url = _with_database(libpq_url(server_url), "postgres")
+        self.admin_url = with_database(libpq_url(server_url), "postgres")
         self.name = f"replyx_bench_{secrets.token_hex(4)}"
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.name}"')
-        self.url = _with_database(self.admin_url, self.name)
+        self.url = with_database(self.admin_url, self.name)
         schema.upgrade(self.url)
 
     def connect(self) -> psycopg.Connection[Any]:
@@ -64,10 +63,6 @@ class BenchDatabase:
                     conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
         if self.embedded is not None and self.started_embedded:
             self.embedded.stop()
-
-
-def _with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 class Tenant:

@@ -19,6 +19,19 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def is_direct_loopback(request: HTTPServerRequest) -> bool:
+    """A caller on this host that did not come through a proxy.
+
+    Debug endpoints and ``/metrics`` trust it without a token. A request that
+    carries ``X-Forwarded-For`` or ``X-Real-IP`` came through nginx (from anywhere),
+    so it is not trusted even though its TCP peer is loopback.
+    """
+    headers = request.headers
+    if "X-Forwarded-For" in headers or "X-Real-IP" in headers:
+        return False
+    return is_loopback(request.remote_ip or "")
+
+
 def client_address(request: HTTPServerRequest) -> str:
     """The client's address: the peer, or ``X-Real-IP`` when the peer is a local proxy."""
     peer = request.remote_ip or ""

@@ -226,6 +226,11 @@ def libpq_url(url: str) -> str:
     return urlunsplit(parts._replace(scheme=scheme))
 
 
+def with_database(url: str, name: str) -> str:
+    """The same server's URL, for database ``name``."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
 def redact_url(url: str) -> str:
     """The URL without its password, for log lines and error messages."""
     parts = urlsplit(url)

@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -27,7 +26,7 @@ from backend import store
 from backend.db import Database
 from replyx import schema, security
 from replyx.config import Settings
-from replyx.pg import EmbeddedPostgres, libpq_url
+from replyx.pg import EmbeddedPostgres, libpq_url, with_database
 from tests.fix_secrets import keep_logs_of, remember, watch_dir
 
 T = TypeVar("T")
@@ -45,24 +44,27 @@ def run_async(work: Callable[[], Awaitable[T]]) -> T:
         return pool.submit(lambda: asyncio.run(work())).result()
 
 
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
+@contextlib.contextmanager
+def new_database(server_url: str, prefix: str = "replyx_test") -> Iterator[str]:
+    """An empty database ``<prefix>_<random>`` on the server of ``server_url``, dropped after."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    admin = libpq_url(server_url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(admin, name)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     server = os.environ.get("DATABASE_URL")
     if server:
-        name = f"replyx_test_{secrets.token_hex(4)}"
-        admin = libpq_url(server)
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        url = _with_database(admin, name)
-        schema.upgrade(url)
-        yield url
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        with new_database(server) as url:
+            schema.upgrade(url)
+            yield url
     else:
         with cluster_dir() as data_dir:
             embedded = EmbeddedPostgres(data_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -11,7 +12,7 @@ import pytest
 
 from replyx import schema
 from replyx.config import Settings
-from tests.fix_db import Tenant, run_async
+from tests.fix_db import Tenant, make_settings, new_database, run_async
 
 
 def new_dialog(sql: psycopg.Connection[Any], tenant: Tenant, channel: str = "site") -> int:
@@ -147,47 +148,26 @@ def test_big_message_notifies_a_reference(
     assert len(payload.encode()) < 8000
 
 
-def test_processes_refuse_a_schema_not_at_head(tmp_path, database_url: str) -> None:
+def test_processes_refuse_a_schema_not_at_head(tmp_path: Path, database_url: str) -> None:
     """Backend and gateway refuse to start on an unmigrated database and name the fix."""
-    import secrets
-    from urllib.parse import urlsplit, urlunsplit
-
     from backend.app import make_app
-    from tests.fix_db import make_settings
     from ws_gateway.app import Gateway
 
-    name = f"replyx_empty_{secrets.token_hex(3)}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    empty = urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
-    try:
+    with new_database(database_url, "replyx_empty") as empty:
         settings: Settings = make_settings(tmp_path)
         with pytest.raises(schema.SchemaMismatchError, match="run `replyx migrate`"):
             make_app(settings, database_url=empty)
         with pytest.raises(schema.SchemaMismatchError, match="run `replyx migrate`"):
             run_async(lambda: Gateway(settings, empty).start(port=0))
-    finally:
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
-def test_migrations_downgrade_and_upgrade_again(tmp_path, database_url: str) -> None:
-    import secrets
-    from urllib.parse import urlsplit, urlunsplit
-
+def test_migrations_downgrade_and_upgrade_again(database_url: str) -> None:
     from alembic import command
 
-    name = f"replyx_mig_{secrets.token_hex(3)}"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
-    try:
+    with new_database(database_url, "replyx_mig") as url:
         schema.upgrade(url)
         assert schema.current_revision(url) == schema.head_revision()
         command.downgrade(schema.alembic_config(url), "base")
         assert schema.current_revision(url) is None
         schema.upgrade(url)
         assert schema.current_revision(url) == schema.head_revision()
-    finally:
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

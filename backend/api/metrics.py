@@ -7,26 +7,16 @@ token; any other caller needs an operator JWT.
 
 from __future__ import annotations
 
-import ipaddress
-
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from backend import metrics
 from backend.api.base import ApiHandler
+from replyx.addresses import is_direct_loopback
 
 
 class MetricsHandler(ApiHandler):
     def get(self) -> None:
-        if not self.is_direct_loopback():
+        if not is_direct_loopback(self.request):
             self.operator_id()  # 401 without a valid operator token
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(metrics.exposition())
-
-    def is_direct_loopback(self) -> bool:
-        headers = self.request.headers
-        if "X-Forwarded-For" in headers or "X-Real-IP" in headers:
-            return False
-        try:
-            return ipaddress.ip_address(self.request.remote_ip or "").is_loopback
-        except ValueError:
-            return False

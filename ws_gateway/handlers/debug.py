@@ -9,7 +9,6 @@ dialogs.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,7 @@ import tornado.websocket
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from replyx import security
+from replyx.addresses import is_direct_loopback
 from replyx.logs import RedactedRequestLogging
 from ws_gateway.events import MAX_ID
 from ws_gateway.handlers.admin import bearer
@@ -48,18 +48,9 @@ class GatewayHTTPHandler(RedactedRequestLogging, tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(orjson.dumps({"error": message or self._reason}))
 
-    def is_direct_local(self) -> bool:
-        headers = self.request.headers
-        if "X-Forwarded-For" in headers or "X-Real-IP" in headers:
-            return False
-        try:
-            return ipaddress.ip_address(self.request.remote_ip or "").is_loopback
-        except ValueError:
-            return False
-
     def viewer(self) -> int | None:
         """``None`` for a trusted local caller, else the operator's user id (or 401)."""
-        if self.is_direct_local():
+        if is_direct_loopback(self.request):
             return None
         token = bearer(self.request.headers) or self.get_query_argument("token", None)
         try:
