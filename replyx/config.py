@@ -95,6 +95,8 @@ class Settings:
     client_burst: int = 40
     max_sockets_per_ip: int = 2000
     shutdown_grace: float = 5.0
+    # Authorisation plus replay of a new socket; past it: 1013, try again.
+    join_timeout: float = 10.0
 
     # Backend: failed logins allowed per client address in one window (seconds).
     login_max_failures: int = 10
@@ -131,6 +133,7 @@ class Settings:
             "client_burst": _cast(env, "REPLYX_CLIENT_BURST", int, 40),
             "max_sockets_per_ip": _cast(env, "REPLYX_MAX_SOCKETS_PER_IP", int, 2000),
             "shutdown_grace": _cast(env, "REPLYX_SHUTDOWN_GRACE", float, 5.0),
+            "join_timeout": _cast(env, "REPLYX_JOIN_TIMEOUT", float, 10.0),
             "login_max_failures": _cast(env, "REPLYX_LOGIN_MAX_FAILURES", int, 10),
             "login_window": _cast(env, "REPLYX_LOGIN_WINDOW", float, 300.0),
         }

@@ -47,6 +47,7 @@ class Store:
         self.gate: asyncio.Event | None = None  # when set up, queries wait for it
         self.queries = 0
         self.ref_failures = 0
+        self.ref_error: type[Exception] = asyncpg.exceptions.ConnectionDoesNotExistError
 
     def commit(self, seq: int) -> None:
         self.rows[seq] = message(seq)
@@ -68,7 +69,7 @@ class Store:
     async def message_by_ref(self, dialog_id: int, seq: int, message_id: int) -> bytes | None:
         if self.ref_failures:
             self.ref_failures -= 1
-            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection lost")
+            raise self.ref_error("the row could not be read")
         return self.rows.get(seq)
 
 
@@ -182,3 +183,36 @@ async def test_a_long_replay_waits_for_the_socket_between_chunks(
     await router.join(sock, since=0)
     assert sock.seqs == list(range(1, 11))
     assert drains == [2, 4, 6, 8, 10]
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_any_failure_to_read_a_message_ref_is_a_lost_notification(
+    store: Store, router: Router
+) -> None:
+    """Not only a lost connection: a cancelled or failed query must not drop the message."""
+    store.commit(1)
+    sock = Socket()
+    await router.join(sock, since=0)
+    store.commit(2)
+    store.ref_failures = 1
+    store.ref_error = asyncpg.exceptions.QueryCanceledError
+    await router.resolve_and_route(Event("message_ref", DIALOG, 2, 102))
+    await until(lambda: sock.buffer is None and sock.sent_seq == 2)
+    assert sock.seqs == [1, 2]
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_hole_in_the_database_does_not_stall_the_dialog(
+    store: Store, router: Router
+) -> None:
+    """A row deleted with the append-only trigger disabled leaves seq 3 missing for good:
+    the replay skips it, and live messages after it still go out."""
+    for seq in (1, 2, 4):
+        store.commit(seq)
+    sock = Socket()
+    await router.join(sock, since=0)
+    assert sock.seqs == [1, 2, 4]
+    store.commit(5)
+    router.route(Event("message", DIALOG, 5, 105, message(5), None))
+    assert sock.seqs == [1, 2, 4, 5]
+    assert sock.buffer is None

@@ -60,6 +60,8 @@ class Gateway:
             settings.max_sockets_per_ip, settings.client_msgs_per_second, settings.client_burst
         )
         self.stopping = False
+        # Every open socket, from the first line of its open() (joined or not yet).
+        self.sockets: set[DialogSocket] = set()
         self.queue: asyncio.Queue[str] = asyncio.Queue()
         # While a batch of notifications is routed: the sockets holding frames to flush.
         self.corked: list[DialogSocket] | None = None
@@ -75,15 +77,30 @@ class Gateway:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self, port: int | None = None, host: str | None = None) -> None:
-        """Check the schema, open the pool and the LISTEN connection, then accept sockets."""
-        self.pool = await asyncpg.create_pool(
-            self.dsn,
-            min_size=1,
-            max_size=10,
-            command_timeout=10,
-            timeout=5,
-            server_settings={"application_name": "replyx-gateway"},
-        )
+        """Check the schema, open the pool and the LISTEN connection, then accept sockets.
+
+        Started while Postgres is unreachable (restarted with it, or by supervisord
+        during an outage), it waits for the server rather than exiting.
+        """
+        delay = 0.5
+        while True:
+            try:
+                self.pool = await asyncpg.create_pool(
+                    self.dsn,
+                    min_size=1,
+                    max_size=10,
+                    command_timeout=10,
+                    timeout=5,
+                    server_settings={"application_name": "replyx-gateway"},
+                )
+                break
+            except Exception as exc:
+                if not GatewayStore.is_unavailable(exc):
+                    raise
+                log.warning("database unreachable (%s); retrying in %.1fs",
+                            type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
         try:
             revision = await self._revision()
             schema.ensure_at_head(revision)
@@ -138,12 +155,13 @@ class Gateway:
         self.stopping = True
         if self.server is not None:
             self.server.stop()
-        subs = list(self.router.subscribers()) if hasattr(self, "router") else []
-        for sub in subs:
-            sub.close(CLOSE_RESTARTING, "gateway restarting, resume with since")
-        log.info("closing %d socket(s) with %d", len(subs), CLOSE_RESTARTING)
+        socks = list(self.sockets)
+        for sock in socks:
+            sock.close(CLOSE_RESTARTING, "gateway restarting, resume with since")
+        log.info("closing %d socket(s) with %d", len(socks), CLOSE_RESTARTING)
+        # Give queued frames and the close frame time to leave, and clients time to answer.
         deadline = time.monotonic() + self.settings.shutdown_grace
-        while any(sub.is_open or sub.ws_connection is not None for sub in subs):
+        while any(not sock.is_finished for sock in socks):
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
@@ -182,10 +200,18 @@ class Gateway:
                 while not queue.empty() and time.monotonic() < deadline:
                     await self._handle(queue.get_nowait())
             finally:
-                corked, self.corked = self.corked, None
-                for sock in corked:
-                    sock.flush_frames()
+                self._uncork()
             await asyncio.sleep(0)
+
+    def _uncork(self) -> None:
+        """Send what the batch held, one write per socket, and stop holding."""
+        corked, self.corked = self.corked, None
+        for sock in corked or ():
+            try:
+                sock.flush_frames()
+            except Exception:
+                log.exception("flushing frames to a socket of dialog %d failed", sock.dialog_id)
+                sock.close(1011, "internal error, resume with since")
 
     async def _handle(self, payload: str) -> None:
         self.stats.notifications += 1
@@ -197,7 +223,14 @@ class Gateway:
             return
         try:
             if event.kind == "message_ref":
-                await self.router.resolve_and_route(event)
+                # Reading the row awaits, and other tasks (replays, joins) run meanwhile: what
+                # this batch holds goes out first, and their writes must not be held, since
+                # their pacing waits on real writes.
+                self._uncork()
+                try:
+                    await self.router.resolve_and_route(event)
+                finally:
+                    self.corked = []
             else:
                 self.router.route(event)
         except Exception:

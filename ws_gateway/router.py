@@ -178,13 +178,11 @@ class Router:
                 event.dialog_id, event.seq, event.message_id
             )
         except Exception as exc:
-            if not self.store.is_unavailable(exc):
-                raise
             # The row is committed but cannot be read now: treat it as a lost notification.
             # The dialog's sockets catch up from the database, which retries until it can.
             log.warning(
-                "message_ref dialog_id=%d seq=%d unreadable (%s); the dialog catches up",
-                event.dialog_id, event.seq, exc,
+                "message_ref dialog_id=%d seq=%d unreadable (%s: %s); the dialog catches up",
+                event.dialog_id, event.seq, type(exc).__name__, exc,
             )
             self._tick += 1
             self._generation += 1
@@ -261,7 +259,9 @@ class Router:
             for seq, payload in rows:
                 frame = text_frame(payload)
                 for sub in pending:
-                    if seq == sub.sent_seq + 1 and sub.write_frame(frame):
+                    # Rows come in seq order; normally seq == sent_seq + 1. A row deleted by
+                    # hand leaves a hole, which must not stop the dialog for good.
+                    if seq > sub.sent_seq and sub.write_frame(frame):
                         sub.sent_seq = seq
                         self.stats.frames_replayed += 1
                 queued += len(frame)

@@ -150,6 +150,9 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
 
     async def open(self, raw_id: str) -> None:
         gateway = self.gateway
+        assert self.ws_connection is not None
+        self._stream = self.ws_connection.stream
+        gateway.sockets.add(self)
         if gateway.stopping:
             self._close(CLOSE_RESTARTING, "gateway restarting, resume with since")
             return
@@ -160,32 +163,30 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             self.gateway.stats.refused[str(CLOSE_POLICY)] += 1
             self._close(CLOSE_POLICY, "too many connections from this address")
             return
+        since: int | None = None
         try:
-            self.dialog_id = parse_dialog_id(raw_id)
-            since = self._since()
-            await self.authorize(self.dialog_id)
+            # Tornado reads no client frame (pongs included) until open() returns: bound the
+            # wait for the database well inside its ping timeout.
+            async with asyncio.timeout(gateway.settings.join_timeout):
+                self.dialog_id = parse_dialog_id(raw_id)
+                since = self._since()
+                await self.authorize(self.dialog_id)
+                if since is not None and since > await gateway.store.last_seq(self.dialog_id):
+                    # Seqs only ever grow: this client's state is from another database.
+                    raise Refused(CLOSE_BAD_REQUEST, "since is ahead of the dialog")
+                if not self.is_open:
+                    return
+                self._stream.max_write_buffer_size = gateway.settings.socket_buffer_limit
+                self._joined = True
+                await gateway.router.join(self, since)
         except Refused as refusal:
             self._refuse(refusal)
             return
         except Exception as exc:
-            if not gateway.store.is_unavailable(exc):
-                raise
-            log.warning("%s dialog_id=%s refused: database unavailable", self.tag, raw_id)
-            self._close(CLOSE_TRY_AGAIN, "database unavailable, try again")
-            return
-        if not self.is_open:
-            return
-        assert self.ws_connection is not None
-        self._stream = self.ws_connection.stream
-        self._stream.max_write_buffer_size = gateway.settings.socket_buffer_limit
-        self._joined = True
-        try:
-            await gateway.router.join(self, since)
-        except Exception as exc:
             gateway.router.remove(self)
-            if not gateway.store.is_unavailable(exc):
+            if not (isinstance(exc, TimeoutError) or gateway.store.is_unavailable(exc)):
                 raise
-            self._close(CLOSE_TRY_AGAIN, "database unavailable, try again")
+            self._refuse(Refused(CLOSE_TRY_AGAIN, "database unavailable, try again"))
             return
         if not self.is_open:
             # The client left while we were replaying.
@@ -217,6 +218,8 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
 
     def expire_at(self, unix_time: float) -> None:
         """Close with 4001 when the credential expires (operator JWTs)."""
+        if not self.is_open:
+            return  # the client left during authorisation: no timer to hold it
         delay = max(0.0, unix_time - time.time())
         self._expiry = self.gateway.loop_call_later(delay, self._expired)
 
@@ -231,6 +234,11 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
     def is_open(self) -> bool:
         conn = self.ws_connection
         return not self._closing and conn is not None and not conn.is_closing()
+
+    @property
+    def is_finished(self) -> bool:
+        """The connection is gone (Tornado forgets ``ws_connection`` as soon as it closes)."""
+        return self._stream is None or self._stream.closed()
 
     def write_frame(self, frame: bytes) -> bool:
         """Queue one pre-built frame; during a routing batch, hold it for :meth:`flush_frames`.
@@ -258,34 +266,49 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             self._send(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def _send(self, data: bytes) -> bool:
+        """Write whole frames. The buffer limit counts what waits behind earlier frames.
+
+        So a frame is never cut (a close frame after half a frame would corrupt the
+        stream), and a frame larger than the limit still goes out when nothing is queued.
+        """
         stream = self._stream
         assert stream is not None
-        if not stream.writing():
-            # Nothing queued before it: hand it straight to the kernel. IOStream.write would
-            # also make a Future, copy into its buffer and slice it again, per socket per frame.
-            sock = stream.socket
-            if sock is None:
-                return False
+        if stream.writing():
             try:
-                sent = sock.send(data)
-            except OSError:
-                sent = 0  # EAGAIN, or an error that stream.write below meets and closes on
-            if sent == len(data):
-                return True
-            data = data[sent:]
-        try:
-            stream.write(data)
-        except StreamBufferFullError:
-            self._too_slow()
+                stream.write(data)
+            except StreamBufferFullError:
+                self._too_slow()
+                return False
+            except StreamClosedError:
+                return False
+            return True
+        # Nothing queued before it: hand it straight to the kernel. IOStream.write would
+        # also make a Future, copy into its buffer and slice it again, per socket per frame.
+        sock = stream.socket
+        if sock is None:
             return False
+        try:
+            sent = sock.send(data)
+        except OSError:
+            sent = 0  # EAGAIN, or an error that stream.write below meets and closes on
+        if sent == len(data):
+            return True
+        limit, stream.max_write_buffer_size = stream.max_write_buffer_size, None
+        try:
+            stream.write(data[sent:])
         except StreamClosedError:
             return False
+        finally:
+            if not self._closing:
+                stream.max_write_buffer_size = limit
         return True
 
     async def drained(self) -> None:
         stream = self._stream
         if stream is None or self._closing:
             return
+        if self._pending:
+            self.flush_frames()
         grace = self.gateway.settings.slow_close_grace
         try:
             await asyncio.wait_for(stream.write(b""), grace)
@@ -346,6 +369,7 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             self.gateway.loop_cancel(self._expiry)
             self._expiry = None
         self._closing = True
+        self.gateway.sockets.discard(self)
         self.gateway.router.remove(self)
         self.gateway.limiter.release(self)
         if self._joined:

@@ -9,6 +9,7 @@ dialogs.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,8 @@ from ws_gateway.handlers.admin import bearer
 
 if TYPE_CHECKING:
     from ws_gateway.app import Gateway
+
+log = logging.getLogger("ws_gateway.debug")
 
 KINDS = ("admin", "widget", "site")
 MAX_DIALOGS_LISTED = 1000
@@ -45,8 +48,18 @@ class GatewayHTTPHandler(RedactedRequestLogging, tornado.web.RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         message = getattr(exc, "log_message", None) if status_code < 500 else None
+        if exc is not None and self.gateway.store.is_unavailable(exc):
+            self.set_status(503)
+            message = "database unavailable, retry shortly"
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(orjson.dumps({"error": message or self._reason}))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if value is not None and self.gateway.store.is_unavailable(value):
+            log.warning("%s: database unavailable (%s)", self._request_summary(),
+                        type(value).__name__)
+            return
+        super().log_exception(typ, value, tb)
 
     def viewer(self) -> int | None:
         """``None`` for a trusted local caller, else the operator's user id (or 401)."""
