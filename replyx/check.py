@@ -35,8 +35,8 @@ PASS, FAIL, SKIP = "pass", "fail", "skip"
 #: for every `replyx` command that builds the argument parser).
 CHANNEL = "replyx_events"
 
-#: The triggers of migration 0001 that make the architecture work.
-TRIGGERS = ("messages_assign_seq", "messages_keep_seq", "messages_notify")
+#: The triggers that make the architecture work (migrations 0001 and 0003).
+TRIGGERS = ("messages_append_only", "messages_assign_seq", "messages_keep_seq", "messages_notify")
 #: ``application_name`` of the gateway's LISTEN connection (ws_gateway/listener.py).
 LISTENER_APP = "replyx-gateway-listener"
 #: A dialog id no dialog has: the check's NOTIFY is routed to nobody.

@@ -171,3 +171,17 @@ def test_migrations_downgrade_and_upgrade_again(database_url: str) -> None:
         assert schema.current_revision(url) is None
         schema.upgrade(url)
         assert schema.current_revision(url) == schema.head_revision()
+
+
+def test_messages_are_append_only(sql: psycopg.Connection[Any], tenant: Tenant) -> None:
+    """Deleting one message would leave a hole in seq; deleting the dialog takes them all."""
+    dialog = new_dialog(sql, tenant)
+    for text in ("one", "two"):
+        sql.execute(INSERT, (dialog, "visitor", text))
+    with pytest.raises(psycopg.errors.CheckViolation, match="append-only"):
+        sql.execute("DELETE FROM messages WHERE dialog_id = %s AND seq = 1", (dialog,))
+    sql.execute("UPDATE messages SET text = '[removed]' WHERE dialog_id = %s AND seq = 1",
+                (dialog,))
+    assert seqs(sql, dialog) == [1, 2]
+    sql.execute("DELETE FROM dialogs WHERE id = %s", (dialog,))
+    assert seqs(sql, dialog) == []
