@@ -33,7 +33,8 @@ def make_app(
     settings = settings or Settings.from_environ()
     logs.setup_logging(settings.log_level)
     url = database_url or resolve_database_url(settings.database_url, settings.data_dir)
-    schema.ensure_at_head(schema.current_revision(url))
+    # Inside gunicorn's 30 s boot timeout: a worker respawned during a Postgres restart waits.
+    schema.ensure_at_head(schema.wait_for_revision(url, timeout=20))
     log.info("backend worker ready, database %s", redact_url(url))
     metrics.worker_started()
     return build_application(settings, Database(url), settings.jwt_secret())

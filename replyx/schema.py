@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 from alembic import command
@@ -9,6 +11,8 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 import migrations
+
+log = logging.getLogger("replyx.schema")
 
 #: The NOTIFY channel every event travels on; operators `LISTEN replyx_events;` in psql.
 CHANNEL = "replyx_events"
@@ -53,6 +57,27 @@ def current_revision(database_url: str) -> str | None:
         except errors.UndefinedTable:
             return None
     return row[0] if row else None
+
+
+def wait_for_revision(database_url: str, timeout: float) -> str | None:
+    """:func:`current_revision`, retried while the server cannot be reached.
+
+    A process (re)started while Postgres restarts waits for it instead of exiting:
+    a gunicorn worker that fails to boot takes its whole master down with it.
+    """
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    delay = 0.5
+    while True:
+        try:
+            return current_revision(database_url)
+        except psycopg.OperationalError as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("database unreachable (%s); retrying in %.1fs", type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def ensure_at_head(current: str | None) -> None:
