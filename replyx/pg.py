@@ -17,6 +17,7 @@ import logging
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -62,10 +63,10 @@ class EmbeddedPostgres:
     @property
     def socket_dir(self) -> Path:
         # Unix socket paths are limited to ~107 bytes; deep test directories overflow that.
-        if len(str(self.pgdata / ".s.PGSQL.5432")) <= _SOCKET_PATH_MAX:
+        if len(os.fsencode(self.pgdata / ".s.PGSQL.5432")) <= _SOCKET_PATH_MAX:
             return self.pgdata
-        digest = hashlib.sha256(str(self.pgdata).encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"replyx-pg-{digest}"
+        digest = hashlib.sha256(os.fsencode(self.pgdata)).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"replyx-pg-{os.getuid()}-{digest}"
 
     @property
     def log_file(self) -> Path:
@@ -161,8 +162,7 @@ class EmbeddedPostgres:
     def _start(self) -> None:
         socket_dir = self.socket_dir
         if socket_dir != self.pgdata:
-            socket_dir.mkdir(mode=0o777, exist_ok=True)
-            socket_dir.chmod(0o777)
+            self._private_socket_dir(socket_dir)
         log.info("starting embedded Postgres (socket in %s)", socket_dir)
         try:
             self._pg_ctl(
@@ -173,6 +173,28 @@ class EmbeddedPostgres:
             if self.log_file.exists():
                 tail = "\n".join(self.log_file.read_text(errors="replace").splitlines()[-20:])
             raise EmbeddedPostgresError(f"{exc}\n{tail}") from None
+
+    def _private_socket_dir(self, path: Path) -> None:
+        """Create (or accept) the socket directory in /tmp, private to the server.
+
+        The cluster trusts every local connection, so whoever can reach the socket is a
+        superuser: the directory must be ours, mode 0700, and not a planted symlink.
+        """
+        owner = pwd.getpwnam(self._run_as) if self._run_as else None
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+        info = os.lstat(path)
+        allowed = {os.getuid()} | ({owner.pw_uid} if owner else set())
+        if (
+            not stat.S_ISDIR(info.st_mode)
+            or info.st_uid not in allowed
+            or info.st_mode & 0o077
+        ):
+            raise EmbeddedPostgresError(
+                f"refusing socket directory {path}: not a private directory of this user"
+            )
+        if owner is not None and info.st_uid != owner.pw_uid:
+            os.lchown(path, owner.pw_uid, owner.pw_gid)
 
     def _ensure_database(self) -> None:
         exists = self._run(
