@@ -224,7 +224,13 @@ class DialogClient:
             raw = await conn.read_message()
             if raw is None:
                 return got_ready
-            data = orjson.loads(raw)
+            try:
+                data = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                log.warning("%s: ignored a frame that is not JSON", self.safe_url)
+                continue
+            if not isinstance(data, dict):
+                continue
             frame = Frame(data, time.time())
             self.frames.append(frame)
             kind = data.get("type")

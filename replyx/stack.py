@@ -102,32 +102,7 @@ def run(settings: Settings, *, demo: bool = True, nginx: bool = True) -> int:
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     embedded: EmbeddedPostgres | None = None
     started_db = False
-    if settings.database_url:
-        url = settings.database_url
-    else:
-        embedded = EmbeddedPostgres(settings.data_dir)
-        started_db = not embedded.is_running()
-        url = embedded.ensure_running()
-    note(f"database: {redact_url(url)}" + (" (embedded)" if embedded else ""))
-    schema.upgrade(url)
-    note(f"schema at {schema.head_revision()}")
-    settings.jwt_secret()  # create the development key before four workers race for it
-
-    use_nginx = nginx and nginx_available()
-    if use_nginx:
-        render_nginx_conf(settings)
-    env = stack_environ(settings, url, nginx=use_nginx)
-    supervisord = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "supervisord"),
-            "-n", "-c", str(CONF / "supervisord.conf"),
-        ],
-        env=env,
-        cwd=str(ROOT),
-        # Own process group: a terminal's Ctrl-C reaches us, and we stop supervisord in order.
-        start_new_session=True,
-    )
-
+    supervisord: subprocess.Popen[bytes] | None = None
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
@@ -135,19 +110,48 @@ def run(settings: Settings, *, demo: bool = True, nginx: bool = True) -> int:
         if not stopping:
             stopping = True
             note("stopping…")
-            supervisord.send_signal(signal.SIGTERM)
+            if supervisord is not None:
+                supervisord.send_signal(signal.SIGTERM)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # From the first line: a signal during the migrations must still stop what was started.
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, stop) for sig in stop_signals}
     try:
+        if settings.database_url:
+            url = settings.database_url
+        else:
+            embedded = EmbeddedPostgres(settings.data_dir)
+            started_db = not embedded.is_running()
+            url = embedded.ensure_running()
+        note(f"database: {redact_url(url)}" + (" (embedded)" if embedded else ""))
+        schema.upgrade(url)
+        note(f"schema at {schema.head_revision()}")
+        settings.jwt_secret()  # create the development key before four workers race for it
+        if stopping:
+            return 0
+
+        use_nginx = nginx and nginx_available()
+        if use_nginx:
+            render_nginx_conf(settings)
+        supervisord = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "supervisord"),
+                "-n", "-c", str(CONF / "supervisord.conf"),
+            ],
+            env=stack_environ(settings, url, nginx=use_nginx),
+            cwd=str(ROOT),
+            # Own session: a terminal's Ctrl-C reaches us, and we stop supervisord in order.
+            start_new_session=True,
+        )
         host = settings.host
         backend_ok = wait_for(f"http://{host}:{settings.backend_port}/health", 60, supervisord)
         gateway_ok = wait_for(f"http://{host}:{settings.gateway_port}/health", 60, supervisord)
-        if backend_ok and gateway_ok:
+        if stopping:
+            pass
+        elif backend_ok and gateway_ok:
             print_banner(settings, url, use_nginx, demo)
         elif supervisord.poll() is None:
-            note(
-                f"the stack did not become healthy; see the logs in {settings.log_dir}",
-            )
+            note(f"the stack did not become healthy; see the logs in {settings.log_dir}")
         while supervisord.poll() is None:
             try:
                 supervisord.wait(timeout=1)
@@ -156,7 +160,7 @@ def run(settings: Settings, *, demo: bool = True, nginx: bool = True) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if supervisord.poll() is None:
+        if supervisord is not None and supervisord.poll() is None:
             supervisord.terminate()
             supervisord.wait(timeout=30)
         if embedded is not None and started_db:
