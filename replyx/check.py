@@ -329,28 +329,26 @@ class Checker:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.headers, exc.read()
 
-    def check_backend_health(self) -> str:
-        hint = f"`replyx ctl start backend`; its log: {self.log_dir}/backend.log"
+    def _health(self, program: str, base: str, why_503: str) -> bytes:
+        """The body of ``base/health`` when it answers 200; else a failure naming the fix."""
+        hint = f"`replyx ctl start {program}`; its log: {self.log_dir}/{program}.log"
         try:
-            status, _, body = self._get(self.backend + "/health")
+            status, _, body = self._get(base + "/health")
         except OSError as exc:
-            raise CheckFailed(f"{self.backend}/health: {_short(exc)}", hint) from None
+            raise CheckFailed(f"{base}/health: {_short(exc)}", hint) from None
         if status != 200:
-            raise CheckFailed(f"{self.backend}/health answered {status} {_body(body)}",
-                              "503: the backend cannot reach Postgres; " + hint)
+            raise CheckFailed(f"{base}/health answered {status} {_body(body)}",
+                              f"503: {why_503}; " + hint)
+        return body
+
+    def check_backend_health(self) -> str:
+        body = self._health("backend", self.backend, "the backend cannot reach Postgres")
         return f"{self.backend}/health 200 {_body(body)}"
 
     def check_gateway_health(self) -> str:
-        hint = f"`replyx ctl start gateway`; its log: {self.log_dir}/gateway.log"
-        try:
-            status, _, body = self._get(self.gateway + "/health")
-        except OSError as exc:
-            raise CheckFailed(f"{self.gateway}/health: {_short(exc)}", hint) from None
-        if status != 200:
-            raise CheckFailed(
-                f"{self.gateway}/health answered {status} {_body(body)}",
-                "503: the LISTEN connection is down or catching up; " + hint,
-            )
+        body = self._health(
+            "gateway", self.gateway, "the LISTEN connection is down or catching up"
+        )
         health = orjson.loads(body)
         return (f"{self.gateway}/health 200: listener {health.get('listener')},"
                 f" {health.get('sockets')} socket(s),"
