@@ -43,14 +43,3 @@ class Dialog(Base):
     last_seq: Mapped[int] = mapped_column(BigInteger, server_default=FetchedValue())
     created_at: Mapped[datetime] = mapped_column(server_default=FetchedValue())
 
-
-class Message(Base):
-    __tablename__ = "messages"
-
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    dialog_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("dialogs.id"))
-    # Assigned by the messages_assign_seq trigger.
-    seq: Mapped[int] = mapped_column(BigInteger, server_default=FetchedValue())
-    sender: Mapped[str] = mapped_column(Text)
-    text: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(server_default=FetchedValue())

@@ -115,10 +115,6 @@ class DialogClient:
         return [m["seq"] for m in self.messages]
 
     @property
-    def is_closed_for_good(self) -> bool:
-        return self._closed_for_good is not None
-
-    @property
     def final_close(self) -> DialogClosedError | None:
         return self._closed_for_good
 
@@ -130,9 +126,6 @@ class DialogClient:
             lambda: self.last_seq is not None and self.last_seq >= seq, timeout,
             f"seq {seq}",
         )
-
-    async def wait_for_messages(self, count: int, timeout: float = 10.0) -> None:  # noqa: ASYNC109
-        await self.wait_until(lambda: len(self.messages) >= count, timeout, f"{count} messages")
 
     async def wait_for_frame(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0  # noqa: ASYNC109

@@ -51,15 +51,6 @@ def _positive(raw: str) -> int:
 _positive.__name__ = "positive integer"  # how _cast's error message names it
 
 
-def _bool(raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(raw)
-
-
 @dataclass(frozen=True)
 class Settings:
     """Configuration shared by the CLI, the backend and the gateway."""

@@ -20,7 +20,6 @@ import shutil
 import stat
 import subprocess
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -265,18 +264,3 @@ def redact_url(url: str) -> str:
 def psql_binary() -> str:
     """The system ``psql`` when installed, else the one bundled with the embedded server."""
     return shutil.which("psql") or _bin("psql")
-
-
-def wait_until_ready(url: str, timeout: float = 30.0) -> None:
-    """Block until a connection to ``url`` succeeds (used after a restart)."""
-    import psycopg
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with psycopg.connect(libpq_url(url), connect_timeout=2):
-                return
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
