@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from replyx.pg import sqlalchemy_url
+from replyx.protocol import BACKEND_APPLICATION
 
 
 class Database:
@@ -25,7 +26,7 @@ class Database:
                 # Never hang a request on an unreachable server: fail fast with a 503.
                 "connect_timeout": 5,
                 "options": "-c statement_timeout=10000 -c lock_timeout=5000",
-                "application_name": "replyx-backend",
+                "application_name": BACKEND_APPLICATION,
             },
         )
         self.session: async_sessionmaker[AsyncSession] = async_sessionmaker(

@@ -20,9 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from backend.db import Database
 from backend.models import Assistant, Dialog, User
 from replyx import security
-from replyx.schema import CHANNEL
-
-SENDERS = ("visitor", "operator", "assistant", "system")
+from replyx.protocol import NOTIFY_CHANNEL
 
 
 class EmailTakenError(Exception):
@@ -231,7 +229,7 @@ _POST_MESSAGE = {
 }
 _SEND_TYPING = {
     kind: text(
-        f"SELECT pg_notify('{CHANNEL}', json_build_object("
+        f"SELECT pg_notify('{NOTIFY_CHANNEL}', json_build_object("
         "'type', 'typing', 'dialog_id', d.id, 'sender', CAST(:sender AS text))::text)"
         f" {source}"
     )

@@ -1,27 +1,23 @@
-"""Alembic environment: runs revisions against the URL that `replyx migrate` resolved."""
+"""Alembic environment: runs revisions on the connection that ``replyx migrate`` opened.
+
+``replyx.schema.upgrade`` opens it and passes it in ``config.attributes``; this
+file imports nothing of the project, so the shared library never depends on it.
+"""
 
 from __future__ import annotations
 
-import os
-
 from alembic import context
-from sqlalchemy import create_engine, pool
-
-from replyx.pg import sqlalchemy_url
 
 config = context.config
 
 
 def run_migrations_online() -> None:
-    url = config.attributes.get("database_url") or os.environ.get("DATABASE_URL")
-    if not url:
-        raise RuntimeError("no database URL: run migrations through `replyx migrate`")
-    engine = create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
-    with engine.connect() as connection:
-        context.configure(connection=connection, transaction_per_migration=True)
-        with context.begin_transaction():
-            context.run_migrations()
-    engine.dispose()
+    connection = config.attributes.get("connection")
+    if connection is None:
+        raise RuntimeError("no database connection: run migrations through `replyx migrate`")
+    context.configure(connection=connection, transaction_per_migration=True)
+    with context.begin_transaction():
+        context.run_migrations()
 
 
 if context.is_offline_mode():

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from replyx.origins import normalize_origin
 
 T = TypeVar("T")
 
@@ -136,7 +139,6 @@ class Settings:
         if settings.jwt_secret_env is not None:
             _check_secret(settings.jwt_secret_env.encode(), "REPLYX_JWT_SECRET")
         if settings.widget_origin is not None:
-            from replyx.origins import normalize_origin
 
             normalized = normalize_origin(settings.widget_origin)
             if normalized is None:
@@ -188,7 +190,6 @@ class Settings:
         key = path.read_text().strip().encode()
         if len(key) < MIN_JWT_SECRET_BYTES:
             # Another process may be between O_CREAT and the write: the key appears at once.
-            import time
 
             for _ in range(50):
                 time.sleep(0.01)

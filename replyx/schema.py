@@ -2,31 +2,37 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
-from pathlib import Path
+from collections.abc import Callable
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+from psycopg import errors
+from sqlalchemy import create_engine, pool
 
-import migrations
+from replyx.pg import libpq_url, sqlalchemy_url
 
 log = logging.getLogger("replyx.schema")
-
-#: The NOTIFY channel every event travels on; operators `LISTEN replyx_events;` in psql.
-CHANNEL = "replyx_events"
 
 
 class SchemaMismatchError(RuntimeError):
     """The database is not at the newest migration."""
 
 
-def alembic_config(database_url: str | None = None) -> Config:
+def _script_location() -> str:
+    # Found, not imported: the migrations run inside Alembic, which loads them itself.
+    spec = importlib.util.find_spec("migrations")
+    assert spec is not None and spec.submodule_search_locations
+    return str(next(iter(spec.submodule_search_locations)))
+
+
+def alembic_config() -> Config:
     config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
-    if database_url is not None:
-        config.attributes["database_url"] = database_url
+    config.set_main_option("script_location", _script_location())
     return config
 
 
@@ -38,7 +44,26 @@ def head_revision() -> str:
 
 def upgrade(database_url: str) -> None:
     """Apply every pending migration (what ``replyx migrate`` does)."""
-    command.upgrade(alembic_config(database_url), "head")
+    _run(database_url, command.upgrade, "head")
+
+
+def downgrade(database_url: str, revision: str) -> None:
+    """Undo migrations down to ``revision`` (``base``: an empty schema; tests only)."""
+    _run(database_url, command.downgrade, revision)
+
+
+def _run(database_url: str, alembic_command: Callable[[Config, str], None], revision: str) -> None:
+    engine = create_engine(sqlalchemy_url(database_url), poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            config = alembic_config()
+            # migrations/env.py runs the revisions on this connection (Alembic's
+            # "sharing a connection" recipe), so it needs no URL handling of its own.
+            config.attributes["connection"] = connection
+            alembic_command(config, revision)
+            connection.commit()
+    finally:
+        engine.dispose()
 
 
 REVISION_SQL = "SELECT version_num FROM alembic_version"
@@ -46,10 +71,7 @@ REVISION_SQL = "SELECT version_num FROM alembic_version"
 
 def current_revision(database_url: str) -> str | None:
     """The revision the database is at; ``None`` for a database Alembic never touched."""
-    import psycopg
-    from psycopg import errors
 
-    from replyx.pg import libpq_url
 
     with psycopg.connect(libpq_url(database_url), connect_timeout=10) as conn:
         try:
@@ -65,7 +87,6 @@ def wait_for_revision(database_url: str, timeout: float) -> str | None:
     A process (re)started while Postgres restarts waits for it instead of exiting:
     a gunicorn worker that fails to boot takes its whole master down with it.
     """
-    import psycopg
 
     deadline = time.monotonic() + timeout
     delay = 0.5

@@ -18,7 +18,7 @@ import orjson
 import psycopg
 from tornado.httpclient import AsyncHTTPClient
 
-from replyx.client import DialogClient
+from replyx_client import DialogClient
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant
 

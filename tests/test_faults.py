@@ -21,8 +21,8 @@ import pytest
 from tornado.ioloop import IOLoop
 
 from replyx import schema
-from replyx.client import DialogClient
 from replyx.pg import EmbeddedPostgres
+from replyx_client import DialogClient
 from tests.checks import (
     assert_match_database,
     get_json,

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from replyx.client import DialogClient
+from replyx_client import DialogClient
 from tests.checks import Poster, assert_match_database, get_json, open_three, site_poster
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant

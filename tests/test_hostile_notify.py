@@ -17,12 +17,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tornado.ioloop import IOLoop
 
-from replyx.client import DialogClient
-from replyx.schema import CHANNEL
+from replyx.protocol import MAX_ID
+from replyx.protocol import NOTIFY_CHANNEL as CHANNEL
+from replyx_client import DialogClient
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant
 from ws_gateway.app import Gateway
-from ws_gateway.events import KINDS, MAX_ID, BadPayloadError, parse_event
+from ws_gateway.events import KINDS, BadPayloadError, parse_event
 
 INSERT = "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, 'system', %s)"
 NOTIFY = "SELECT pg_notify(%s, %s)"

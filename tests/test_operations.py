@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from replyx.pg import EmbeddedPostgres
-from replyx.stack import nginx_available
+from replyx_ops.stack import nginx_available
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant
 from tests.fix_stack import BIN, Stack, free_port, wait_http

@@ -12,6 +12,7 @@ import pytest
 
 from replyx import schema
 from replyx.config import Settings
+from replyx.protocol import NOTIFY_CHANNEL
 from tests.fix_db import Tenant, make_settings, new_database, run_async
 
 
@@ -107,7 +108,7 @@ def test_notify_fires_on_commit_only_for_any_writer(
     """A psql-style INSERT notifies on commit; a rolled-back one never does."""
     dialog = new_dialog(sql, tenant)
     with psycopg.connect(database_url, autocommit=True) as listener:
-        listener.execute(f"LISTEN {schema.CHANNEL}")
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
         with psycopg.connect(database_url) as writer:
             writer.execute(INSERT, (dialog, "system", "gone"))
             writer.rollback()
@@ -140,7 +141,7 @@ def test_big_message_notifies_a_reference(
 ) -> None:
     dialog = new_dialog(sql, tenant)
     with psycopg.connect(database_url, autocommit=True) as listener:
-        listener.execute(f"LISTEN {schema.CHANNEL}")
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
         sql.execute("INSERT INTO messages (dialog_id, sender, text) VALUES (%s, 'visitor', %s)",
                     (dialog, "ж" * 30_000))
         payload = next(iter(listener.notifies(timeout=2, stop_after=1))).payload
@@ -162,12 +163,11 @@ def test_processes_refuse_a_schema_not_at_head(tmp_path: Path, database_url: str
 
 
 def test_migrations_downgrade_and_upgrade_again(database_url: str) -> None:
-    from alembic import command
 
     with new_database(database_url, "replyx_mig") as url:
         schema.upgrade(url)
         assert schema.current_revision(url) == schema.head_revision()
-        command.downgrade(schema.alembic_config(url), "base")
+        schema.downgrade(url, "base")
         assert schema.current_revision(url) is None
         schema.upgrade(url)
         assert schema.current_revision(url) == schema.head_revision()

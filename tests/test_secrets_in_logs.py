@@ -22,7 +22,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from replyx import security
-from replyx.client import DialogClient, DialogClosedError
+from replyx_client import DialogClient, DialogClosedError
 from tests.fix_apps import Api, Response
 from tests.fix_db import TEST_JWT_SECRET, Tenant
 from tests.fix_secrets import REGISTRY, TOKEN_SHAPES, SecretRegistry, remember
@@ -157,7 +157,7 @@ async def test_no_credential_reaches_any_log_of_the_real_stack(
     await wait_for_log(stack, "gateway", f"[Widget] disconnected dialog_id={widget_dialog}")
     access = await wait_for_log(stack, "nginx", f"/ws/dialogs/{site_dialog}")
     # nginx's access lines log $uri: no query string at all. (Its error lines, in the same
-    # file, quote request lines; replyx.redact has cut their values, which the scan checks.)
+    # file, quote request lines; replyx_ops.redact has cut their values, which the scan checks.)
     access_lines = [line for line in access.splitlines() if '] "GET /ws/' in line]
     assert access_lines
     assert not [line for line in access_lines if "token=" in line]

@@ -10,8 +10,8 @@ import orjson
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from replyx.client import DialogClient
 from replyx.pg import EmbeddedPostgres
+from replyx_client import DialogClient
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant
 from tests.fix_stack import Stack, http_status

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,11 @@ from tornado.ioloop import IOLoop
 from replyx import logs, schema
 from replyx.config import Settings
 from replyx.pg import libpq_url
+from replyx.protocol import GATEWAY_APPLICATION, NOTIFY_CHANNEL, CloseCode
 from ws_gateway.events import BadPayloadError, parse_event
 from ws_gateway.handlers import debug
 from ws_gateway.handlers.admin import AdminSocket
-from ws_gateway.handlers.base import CLOSE_RESTARTING, DialogSocket
+from ws_gateway.handlers.base import DialogSocket
 from ws_gateway.handlers.site import SiteSocket
 from ws_gateway.handlers.widget import WidgetSocket
 from ws_gateway.limits import Limiter
@@ -91,7 +93,7 @@ class Gateway:
                     max_size=10,
                     command_timeout=10,
                     timeout=5,
-                    server_settings={"application_name": "replyx-gateway"},
+                    server_settings={"application_name": GATEWAY_APPLICATION},
                 )
                 break
             except Exception as exc:
@@ -114,7 +116,7 @@ class Gateway:
         listen_url = self.settings.listen_database_url
         self.listener = Listener(
             libpq_url(listen_url) if listen_url else self.dsn,
-            schema.CHANNEL,
+            NOTIFY_CHANNEL,
             self.queue.put_nowait,
             self.router.resync_all,
             probe_interval=self.settings.listener_probe_interval,
@@ -157,8 +159,8 @@ class Gateway:
             self.server.stop()
         socks = list(self.sockets)
         for sock in socks:
-            sock.close(CLOSE_RESTARTING, "gateway restarting, resume with since")
-        log.info("closing %d socket(s) with %d", len(socks), CLOSE_RESTARTING)
+            sock.close(CloseCode.RESTARTING, "gateway restarting, resume with since")
+        log.info("closing %d socket(s) with %d", len(socks), CloseCode.RESTARTING)
         # Give queued frames and the close frame time to leave, and clients time to answer.
         deadline = time.monotonic() + self.settings.shutdown_grace
         while any(not sock.is_finished for sock in socks):
@@ -311,7 +313,6 @@ class Gateway:
 
 async def serve(settings: Settings, database_url: str) -> None:
     """Run one gateway until SIGTERM or SIGINT."""
-    import signal
 
     gateway = Gateway(settings, database_url)
     await gateway.start()

@@ -14,9 +14,9 @@ from datetime import datetime
 
 import orjson
 
-MAX_ID = 2**63 - 1
-SENDERS = frozenset({"visitor", "operator", "assistant", "system"})
-KINDS = frozenset({"message", "message_ref", "typing"})
+from replyx.protocol import SENDERS, FrameType, positive_id
+
+KINDS = frozenset({FrameType.MESSAGE, FrameType.MESSAGE_REF, FrameType.TYPING})
 
 
 class BadPayloadError(ValueError):
@@ -34,9 +34,11 @@ class Event:
 
 
 def _positive_id(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_ID:
+    # JSON numbers only: a string id is not what the trigger sends.
+    number = positive_id(value) if not isinstance(value, str) else None
+    if number is None:
         raise BadPayloadError(f"{name} must be a positive 64-bit integer")
-    return value
+    return number
 
 
 def parse_event(payload: str | bytes) -> Event:

@@ -22,12 +22,11 @@ from typing import Literal
 
 import asyncpg
 
+from replyx.protocol import LISTENER_APPLICATION
+
 log = logging.getLogger("ws_gateway.listener")
 
 State = Literal["starting", "up", "down", "stopped"]
-
-APPLICATION_NAME = "replyx-gateway-listener"
-
 
 class Listener:
     def __init__(
@@ -133,7 +132,7 @@ class Listener:
             self.dsn,
             timeout=5,
             command_timeout=self.probe_timeout + 3,
-            server_settings={"application_name": APPLICATION_NAME},
+            server_settings={"application_name": LISTENER_APPLICATION},
         )
         try:
             conn.add_termination_listener(self._on_terminated)

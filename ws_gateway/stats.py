@@ -15,9 +15,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-#: Close codes a handshake can be refused with; exported at 0 until they happen, so that
-#: rate() and alerts work from the first scrape.
-REFUSAL_CODES = ("4001", "4003", "4004", "4400", "1008", "1013")
+from replyx.protocol import REFUSAL_CODES
 
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -108,7 +106,8 @@ class StatsCollector(Collector):
             "replyx_refused_handshakes", "WebSocket connections refused, by close code",
             labels=["code"],
         )
-        counts = dict.fromkeys(REFUSAL_CODES, 0) | s.refused
+        # Every refusal code exported from 0, so that rate() and alerts work from the start.
+        counts = dict.fromkeys(map(str, REFUSAL_CODES), 0) | s.refused
         for code, count in sorted(counts.items()):
             refused.add_metric([code], count)
         yield refused

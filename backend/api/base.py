@@ -21,12 +21,12 @@ from backend.db import Database
 from replyx import security
 from replyx.config import Settings
 from replyx.logs import RedactedRequestLogging
+from replyx.protocol import MAX_ID, non_negative_int, positive_id
 
 log = logging.getLogger("backend.api")
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_TEXT_CHARS = 32 * 1024
-MAX_ID = 2**63 - 1
 _PID = str(os.getpid())
 
 
@@ -52,10 +52,8 @@ def is_database_unavailable(exc: BaseException) -> bool:
 
 def parse_id(raw: str, what: str = "dialog") -> int:
     """A path id: a positive 64-bit integer, else 404 (an id that cannot exist is not found)."""
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
-        raise ApiError(404, f"{what} not found")
-    value = int(raw)
-    if not 0 < value <= MAX_ID:
+    value = positive_id(raw)
+    if value is None:
         raise ApiError(404, f"{what} not found")
     return value
 
@@ -113,9 +111,10 @@ class ApiHandler(RedactedRequestLogging, tornado.web.RequestHandler):
             if required:
                 raise ApiError(400, f"{name} is required")
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_ID:
+        number = positive_id(value) if isinstance(value, int) else None
+        if number is None:
             raise ApiError(400, f"{name} must be a positive integer")
-        return value
+        return number
 
     @staticmethod
     def field_str(
@@ -145,9 +144,9 @@ class ApiHandler(RedactedRequestLogging, tornado.web.RequestHandler):
         raw = self.get_query_argument(name, None)
         if raw is None or raw == "":
             return default
-        if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
+        value = non_negative_int(raw)
+        if value is None:
             raise ApiError(400, f"{name} must be a non-negative integer")
-        value = int(raw)
         if not minimum <= value <= maximum:
             raise ApiError(400, f"{name} must be between {minimum} and {maximum}")
         return value

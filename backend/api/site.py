@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from backend import store
 from backend.api.base import ApiError, ApiHandler
+from replyx.protocol import Sender
 
 # A site integration speaks for the visitor by default, or as the assistant / system.
-SITE_SENDERS = ("visitor", "assistant", "system")
+SITE_SENDERS = (Sender.VISITOR, Sender.ASSISTANT, Sender.SYSTEM)
 
 
 class SiteHandler(ApiHandler):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from tornado.httputil import HTTPHeaders
 
 from replyx import security
-from ws_gateway.handlers.base import CLOSE_NOT_FOUND, CLOSE_UNAUTHORIZED, DialogSocket, Refused
+from replyx.protocol import CloseCode, SocketKind
+from ws_gateway.handlers.base import DialogSocket, Refused
 
 
 def bearer(headers: HTTPHeaders) -> str | None:
@@ -17,15 +18,14 @@ def bearer(headers: HTTPHeaders) -> str | None:
 
 
 class AdminSocket(DialogSocket):
-    kind = "admin"
-    tag = "[Admin]"
+    kind = SocketKind.ADMIN
 
     async def authorize(self, dialog_id: int) -> None:
         token = self.get_query_argument("token", None) or bearer(self.request.headers)
         try:
             claims = security.verify_operator_token(token, self.gateway.jwt_secret)
         except security.InvalidTokenError:
-            raise Refused(CLOSE_UNAUTHORIZED, "missing, invalid or expired token") from None
+            raise Refused(CloseCode.UNAUTHORIZED, "missing, invalid or expired token") from None
         if not await self.gateway.store.admin_dialog(dialog_id, claims.user_id):
-            raise Refused(CLOSE_NOT_FOUND, "dialog not found", f"user_id={claims.user_id}")
+            raise Refused(CloseCode.NOT_FOUND, "dialog not found", f"user_id={claims.user_id}")
         self.expire_at(claims.expires_at)

@@ -19,22 +19,13 @@ from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from replyx.addresses import client_address
 from replyx.logs import RedactedRequestLogging
-from ws_gateway.events import MAX_ID, PONG_FRAME
+from replyx.protocol import CloseCode, SocketKind, non_negative_int, positive_id
+from ws_gateway.events import PONG_FRAME
 
 if TYPE_CHECKING:
     from ws_gateway.app import Gateway
 
 log = logging.getLogger("ws_gateway.sockets")
-
-CLOSE_UNAUTHORIZED = 4001
-CLOSE_FORBIDDEN_ORIGIN = 4003
-CLOSE_NOT_FOUND = 4004
-CLOSE_TOO_SLOW = 4008
-CLOSE_BAD_REQUEST = 4400
-CLOSE_POLICY = 1008
-CLOSE_RESTARTING = 1012
-CLOSE_TRY_AGAIN = 1013
-
 
 class Refused(Exception):
     """Refuse a connection with a close code; ``detail`` goes to the log only."""
@@ -47,9 +38,10 @@ class Refused(Exception):
 
 
 def parse_dialog_id(raw: str) -> int:
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or not 0 < int(raw) <= MAX_ID:
-        raise Refused(CLOSE_NOT_FOUND, "dialog not found")
-    return int(raw)
+    dialog_id = positive_id(raw)
+    if dialog_id is None:
+        raise Refused(CloseCode.NOT_FOUND, "dialog not found")
+    return dialog_id
 
 
 class FrameLimitedProtocol(tornado.websocket.WebSocketProtocol13):
@@ -112,8 +104,7 @@ class FrameLimitedProtocol(tornado.websocket.WebSocketProtocol13):
 class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
     """One client socket on one dialog. Subclasses implement :meth:`authorize`."""
 
-    kind: ClassVar[str] = ""
-    tag: ClassVar[str] = ""
+    kind: ClassVar[SocketKind]
 
     def initialize(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -154,14 +145,14 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         self._stream = self.ws_connection.stream
         gateway.sockets.add(self)
         if gateway.stopping:
-            self._close(CLOSE_RESTARTING, "gateway restarting, resume with since")
+            self._close(CloseCode.RESTARTING, "gateway restarting, resume with since")
             return
         if not gateway.limiter.acquire(self):
             log.warning(
-                "%s refused: too many sockets from %s", self.tag, client_address(self.request)
+                "%s refused: too many sockets from %s", self.kind.tag, client_address(self.request)
             )
-            self.gateway.stats.refused[str(CLOSE_POLICY)] += 1
-            self._close(CLOSE_POLICY, "too many connections from this address")
+            self.gateway.stats.refused[str(CloseCode.POLICY)] += 1
+            self._close(CloseCode.POLICY, "too many connections from this address")
             return
         since: int | None = None
         try:
@@ -173,7 +164,7 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
                 await self.authorize(self.dialog_id)
                 if since is not None and since > await gateway.store.last_seq(self.dialog_id):
                     # Seqs only ever grow: this client's state is from another database.
-                    raise Refused(CLOSE_BAD_REQUEST, "since is ahead of the dialog")
+                    raise Refused(CloseCode.BAD_REQUEST, "since is ahead of the dialog")
                 if not self.is_open:
                     return
                 self._stream.max_write_buffer_size = gateway.settings.socket_buffer_limit
@@ -186,7 +177,7 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             gateway.router.remove(self)
             if not (isinstance(exc, TimeoutError) or gateway.store.is_unavailable(exc)):
                 raise
-            self._refuse(Refused(CLOSE_TRY_AGAIN, "database unavailable, try again"))
+            self._refuse(Refused(CloseCode.TRY_AGAIN, "database unavailable, try again"))
             return
         if not self.is_open:
             # The client left while we were replaying.
@@ -194,7 +185,7 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             return
         log.info(
             "%s connected dialog_id=%d since=%s last_seq=%d peer=%s",
-            self.tag, self.dialog_id, "-" if since is None else since, self.sent_seq,
+            self.kind.tag, self.dialog_id, "-" if since is None else since, self.sent_seq,
             self.request.remote_ip,
         )
 
@@ -202,16 +193,17 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         raw = self.get_query_argument("since", None)
         if raw is None or raw == "":
             return None
-        if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_ID:
-            raise Refused(CLOSE_BAD_REQUEST, "since must be a non-negative integer")
-        return int(raw)
+        since = non_negative_int(raw)
+        if since is None:
+            raise Refused(CloseCode.BAD_REQUEST, "since must be a non-negative integer")
+        return since
 
     def _refuse(self, refusal: Refused) -> None:
         self.gateway.stats.refused[str(refusal.code)] += 1
-        marker = " WEBSOCKET_4003_ERROR" if refusal.code == CLOSE_FORBIDDEN_ORIGIN else ""
+        marker = " WEBSOCKET_4003_ERROR" if refusal.code == CloseCode.FORBIDDEN_ORIGIN else ""
         log.warning(
             "%s%s refused dialog_id=%s code=%d reason=%s%s peer=%s",
-            self.tag, marker, self.dialog_id or "-", refusal.code, refusal.reason,
+            self.kind.tag, marker, self.dialog_id or "-", refusal.code, refusal.reason,
             f" {refusal.detail}" if refusal.detail else "", self.request.remote_ip,
         )
         self._close(refusal.code, refusal.reason)
@@ -225,8 +217,8 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
 
     def _expired(self) -> None:
         if self.is_open:
-            log.info("%s token expired dialog_id=%d", self.tag, self.dialog_id)
-            self._close(CLOSE_UNAUTHORIZED, "token expired")
+            log.info("%s token expired dialog_id=%d", self.kind.tag, self.dialog_id)
+            self._close(CloseCode.UNAUTHORIZED, "token expired")
 
     # -- the router's side -----------------------------------------------------
 
@@ -323,9 +315,9 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         detail = detail or f"write buffer over {self.gateway.settings.socket_buffer_limit} bytes"
         log.warning(
             "%s slow consumer dialog_id=%d sent_seq=%d: %s, closing %d",
-            self.tag, self.dialog_id, self.sent_seq, detail, CLOSE_TOO_SLOW,
+            self.kind.tag, self.dialog_id, self.sent_seq, detail, CloseCode.TOO_SLOW,
         )
-        self._close(CLOSE_TOO_SLOW, "client too slow, resume with since")
+        self._close(CloseCode.TOO_SLOW, "client too slow, resume with since")
 
     def _close(self, code: int, reason: str) -> None:
         if self._closing:
@@ -351,9 +343,9 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             return True
         log.warning(
             "%s rate limit: closing %d dialog_id=%d peer=%s",
-            self.tag, CLOSE_POLICY, self.dialog_id, client_address(self.request),
+            self.kind.tag, CloseCode.POLICY, self.dialog_id, client_address(self.request),
         )
-        self._close(CLOSE_POLICY, "rate limit exceeded")
+        self._close(CloseCode.POLICY, "rate limit exceeded")
         return False
 
     def on_message(self, message: str | bytes) -> None:
@@ -376,6 +368,6 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             code = self._server_close_code or self.close_code
             log.info(
                 "%s disconnected dialog_id=%d code=%s sent_seq=%d after %.1fs",
-                self.tag, self.dialog_id, code if code is not None else "-", self.sent_seq,
+                self.kind.tag, self.dialog_id, code if code is not None else "-", self.sent_seq,
                 time.monotonic() - self._opened_at,
             )

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from replyx import security
 from replyx.addresses import is_direct_loopback
 from replyx.logs import RedactedRequestLogging
-from ws_gateway.events import MAX_ID
+from replyx.protocol import SocketKind, positive_id
 from ws_gateway.handlers.admin import bearer
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ws_gateway.debug")
 
-KINDS = ("admin", "widget", "site")
+KINDS = tuple(SocketKind)
 MAX_DIALOGS_LISTED = 1000
 
 
@@ -113,10 +113,9 @@ class StatusHandler(GatewayHTTPHandler):
 class SyncHandler(GatewayHTTPHandler):
     async def get(self) -> None:
         user_id = self.viewer()
-        raw = self.get_query_argument("dialog_id", "")
-        if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) <= MAX_ID:
+        dialog_id = positive_id(self.get_query_argument("dialog_id", ""))
+        if dialog_id is None:
             raise tornado.web.HTTPError(400, "dialog_id must be a positive integer")
-        dialog_id = int(raw)
         store = self.gateway.store
         if user_id is not None and not await store.operator_dialog_ids(user_id, [dialog_id]):
             raise tornado.web.HTTPError(404, "dialog not found")

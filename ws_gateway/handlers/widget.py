@@ -8,35 +8,29 @@ iframe) must be one of the assistant's domains.
 from __future__ import annotations
 
 from replyx.origins import effective_origin, origin_allowed
-from ws_gateway.handlers.base import (
-    CLOSE_FORBIDDEN_ORIGIN,
-    CLOSE_NOT_FOUND,
-    CLOSE_UNAUTHORIZED,
-    DialogSocket,
-    Refused,
-)
+from replyx.protocol import CloseCode, SocketKind
+from ws_gateway.handlers.base import DialogSocket, Refused
 
 
 class WidgetSocket(DialogSocket):
-    kind = "widget"
-    tag = "[Widget]"
+    kind = SocketKind.WIDGET
 
     async def authorize(self, dialog_id: int) -> None:
         token = self.get_query_argument("guest_token", None)
         if not token:
-            raise Refused(CLOSE_UNAUTHORIZED, "guest_token is required")
+            raise Refused(CloseCode.UNAUTHORIZED, "guest_token is required")
         dialog = await self.gateway.store.guest_dialog(token)
         if dialog is None:
-            raise Refused(CLOSE_UNAUTHORIZED, "invalid guest token")
+            raise Refused(CloseCode.UNAUTHORIZED, "invalid guest token")
         if dialog.dialog_id != dialog_id or not self._assistant_matches(dialog.assistant_id):
-            raise Refused(CLOSE_NOT_FOUND, "dialog not found")
+            raise Refused(CloseCode.NOT_FOUND, "dialog not found")
         origin = self.request.headers.get("Origin")
         parent_origin = self.get_query_argument("parent_origin", None)
         widget_origin = self.gateway.settings.widget_origin
         if not origin_allowed(origin, parent_origin, dialog.domains, widget_origin):
             checked = effective_origin(origin, parent_origin, widget_origin)
             raise Refused(
-                CLOSE_FORBIDDEN_ORIGIN,
+                CloseCode.FORBIDDEN_ORIGIN,
                 "origin not allowed for this assistant",
                 f"assistant_id={dialog.assistant_id} origin={(origin or '-')[:200]}"
                 f" checked={checked or '-'}",

@@ -22,11 +22,11 @@ from typing import Any
 import psutil
 import psycopg
 
-from bench.load import raise_fd_limit
 from replyx import schema, security
 from replyx.pg import EmbeddedPostgres, libpq_url, with_database
+from replyx_ops.bench.load import raise_fd_limit
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
@@ -251,7 +251,7 @@ def start_backend(env: dict[str, str], port: int, log_dir: Path, workers: int = 
 
 def start_gateway(env: dict[str, str], port: int, log_dir: Path, *, naive: bool = False
                   ) -> Server:
-    module = "bench.naive" if naive else "ws_gateway"
+    module = "replyx_ops.bench.naive" if naive else "ws_gateway"
     return Server(
         "gateway-naive" if naive else "gateway",
         [sys.executable, "-m", module],
@@ -263,7 +263,7 @@ def start_gateway(env: dict[str, str], port: int, log_dir: Path, *, naive: bool 
 def start_peer(env: dict[str, str], port: int, log_dir: Path, workers: int = 4) -> Server:
     return Server(
         "peer",
-        [str(BIN / "uvicorn"), "bench.peers.starlette_broadcaster:app",
+        [str(BIN / "uvicorn"), "replyx_ops.bench.peers.starlette_broadcaster:app",
          "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
         env, log_dir, f"http://127.0.0.1:{port}/health",
     )

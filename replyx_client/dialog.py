@@ -22,10 +22,9 @@ import orjson
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-log = logging.getLogger("replyx.client")
+from replyx.protocol import FATAL_CLOSE_CODES
 
-# Close codes after which reconnecting cannot help: the credential or the dialog is wrong.
-FATAL_CLOSE_CODES = frozenset({4001, 4003, 4004, 4400, 1008, 1009})
+log = logging.getLogger("replyx_client")
 
 
 class DialogClosedError(Exception):

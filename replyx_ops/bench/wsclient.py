@@ -1,6 +1,6 @@
 """A lean WebSocket client for the load generator: thousands per process, little CPU each.
 
-``replyx.client.DialogClient`` keeps every frame and reconnects like a browser;
+``replyx_client.DialogClient`` keeps every frame and reconnects like a browser;
 here a socket only counts what it receives, checks ``seq`` order and measures
 latency, so one load-generator process can hold thousands of sockets without
 becoming the bottleneck it is meant to measure. It speaks just enough RFC 6455

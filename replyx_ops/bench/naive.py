@@ -1,4 +1,6 @@
-"""The naive fan-out, for comparison only: ``python -m bench.naive`` runs the same gateway with it.
+"""The naive fan-out, for comparison only.
+
+``python -m replyx_ops.bench.naive`` runs the same gateway with it.
 
 Tornado's chat demo keeps each event as a dict and calls ``write_message`` on
 every waiter, so every socket pays for its own JSON encoding, frame building,
@@ -18,9 +20,11 @@ import orjson
 from tornado.iostream import StreamBufferFullError
 from tornado.websocket import WebSocketClosedError
 
+from ws_gateway import __main__ as gateway_main
+from ws_gateway.app import Gateway
 from ws_gateway.router import Router, Subscriber
 
-log = logging.getLogger("bench.naive")
+log = logging.getLogger("replyx_ops.bench.naive")
 
 
 def frame_payload(frame: bytes) -> bytes:
@@ -52,8 +56,6 @@ class NaiveRouter(Router):
 
 
 def main() -> int:
-    from ws_gateway import __main__ as gateway_main
-    from ws_gateway.app import Gateway
 
     Gateway.router_class = NaiveRouter
     return gateway_main.main()

@@ -22,8 +22,9 @@ from typing import Any
 from replyx import schema
 from replyx.config import Settings
 from replyx.pg import EmbeddedPostgres, redact_url
+from replyx_ops import demo as demo_mod
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
@@ -196,7 +197,6 @@ def print_banner(settings: Settings, url: str, nginx: bool, demo: bool) -> None:
         "  control  .venv/bin/replyx ctl status | restart backend | restart gateway",
     ]
     if demo:
-        from replyx import demo as demo_mod
 
         tenant = demo_mod.ensure_demo_tenant(settings, url)
         lines += ["", "Try it with the demo tenant:", *demo_mod.try_it_lines(settings, tenant)]

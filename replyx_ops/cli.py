@@ -12,8 +12,15 @@ from typing import Any, TypeVar
 
 import orjson
 
-from replyx import logs
+from backend import store
+from backend.db import Database
+from replyx import logs, schema, security
 from replyx.config import ConfigError, Settings
+from replyx.origins import normalize_origin
+from replyx.pg import EmbeddedPostgres, EmbeddedPostgresError, libpq_url, psql_binary
+from replyx.schema import SchemaMismatchError
+from replyx_ops import check, stack
+from replyx_ops.bench import run as bench_run
 
 log = logging.getLogger("replyx")
 
@@ -37,7 +44,6 @@ _started_embedded: list[Any] = []
 def database_url(settings: Settings, *, keep_running: bool = False) -> str:
     if settings.database_url:
         return settings.database_url
-    from replyx.pg import EmbeddedPostgres
 
     embedded = EmbeddedPostgres(settings.data_dir)
     was_running = embedded.is_running()
@@ -49,8 +55,6 @@ def database_url(settings: Settings, *, keep_running: bool = False) -> str:
 
 def with_session(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
     """Run ``work(session)`` on a short-lived engine against the schema at head."""
-    from backend.db import Database
-    from replyx import schema
 
     url = database_url(settings)
     schema.ensure_at_head(schema.current_revision(url))
@@ -70,7 +74,6 @@ def with_session(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from replyx import schema
 
     url = database_url(settings)
     before = schema.current_revision(url)
@@ -80,7 +83,6 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_create_user(settings: Settings, args: argparse.Namespace) -> int:
-    from backend import store
 
     if "@" not in args.email or len(args.email) > 320:
         raise CommandError(f"{args.email!r} is not an email address")
@@ -97,8 +99,6 @@ def cmd_create_user(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_create_assistant(settings: Settings, args: argparse.Namespace) -> int:
-    from backend import store
-    from replyx.origins import normalize_origin
 
     domains: list[str] = []
     for raw in args.domain:
@@ -125,8 +125,6 @@ def cmd_create_assistant(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
-    from backend import store
-    from replyx import security
 
     if not with_session(settings, lambda s: store.user_exists(s, args.user_id)):
         raise CommandError(f"no user with id {args.user_id}")
@@ -141,7 +139,6 @@ def cmd_dsn(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_psql(settings: Settings, args: argparse.Namespace) -> int:
-    from replyx.pg import libpq_url, psql_binary
 
     url = libpq_url(database_url(settings, keep_running=True))
     os.execv(psql_binary(), [psql_binary(), url, *args.psql_args])  # noqa: S606
@@ -149,19 +146,16 @@ def cmd_psql(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    from replyx import stack
 
     return stack.run(settings, demo=not args.no_demo, nginx=not args.no_nginx)
 
 
 def cmd_ctl(settings: Settings, args: argparse.Namespace) -> int:
-    from replyx import stack
 
     return stack.supervisorctl(settings, args.ctl_args)
 
 
 def cmd_stop_db(settings: Settings, args: argparse.Namespace) -> int:
-    from replyx.pg import EmbeddedPostgres
 
     if settings.database_url:
         raise CommandError("DATABASE_URL is set: the embedded server is not in use")
@@ -211,12 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("check", help="the architecture check: one pass/fail line per part")
-    p.set_defaults(func=lambda s, a: _lazy("replyx.check", "main")(s, a))
-    _lazy_args("replyx.check", p)
+    p.set_defaults(func=check.main)
+    check.add_arguments(p)
 
     p = sub.add_parser("bench", help="the load and latency benchmark")
-    p.set_defaults(func=lambda s, a: _lazy("bench.run", "main")(s, a))
-    _lazy_args("bench.run", p)
+    p.set_defaults(func=bench_run.main)
+    bench_run.add_arguments(p)
 
     p = sub.add_parser("dsn", help="print the database URL in use (starts the embedded server)")
     p.set_defaults(func=cmd_dsn)
@@ -234,25 +228,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _lazy(module: str, name: str) -> Callable[[Settings, argparse.Namespace], int]:
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
-
-
-def _lazy_args(module: str, parser: argparse.ArgumentParser) -> None:
-    """Let a command module add its own options (``add_arguments``) if it is importable."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return
-    add = getattr(mod, "add_arguments", None)
-    if add is not None:
-        add(parser)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -261,8 +236,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"replyx: {exc}", file=sys.stderr)
         return 2
     logs.setup_logging(os.environ.get("REPLYX_LOG_LEVEL", "WARNING").upper())
-    from replyx.pg import EmbeddedPostgresError
-    from replyx.schema import SchemaMismatchError
 
     try:
         return args.func(settings, args)

@@ -1,4 +1,4 @@
-"""``python -m replyx.redact PROGRAM ARG…``: run a program with query values cut from its output.
+"""``python -m replyx_ops.redact PROGRAM ARG…``: a program, with query values cut from its output.
 
 nginx's error lines quote the client's request line and the upstream URL
 (``request: "GET /ws/dialogs/5?token=… HTTP/1.1"``), tokens included, and nginx
@@ -25,7 +25,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        print("usage: python -m replyx.redact PROGRAM [ARG…]", file=sys.stderr)
+        print("usage: python -m replyx_ops.redact PROGRAM [ARG…]", file=sys.stderr)
         return 2
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for sig in FORWARDED:

@@ -25,22 +25,26 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
+import psutil
+import psycopg
+from prometheus_client.parser import text_string_to_metric_families
+from supervisor.xmlrpc import SupervisorTransport
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
 
+from replyx import schema
 from replyx.config import Settings
 from replyx.pg import EmbeddedPostgres, libpq_url, redact_url
+from replyx.protocol import LISTENER_APPLICATION as LISTENER_APP
+from replyx.protocol import MAX_ID
+from replyx.protocol import NOTIFY_CHANNEL as CHANNEL
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
-#: The NOTIFY channel (replyx.CHANNEL; not imported here, which would load Alembic
-#: for every `replyx` command that builds the argument parser).
-CHANNEL = "replyx_events"
-
 #: The triggers that make the architecture work (migrations 0001 and 0003).
 TRIGGERS = ("messages_append_only", "messages_assign_seq", "messages_keep_seq", "messages_notify")
-#: ``application_name`` of the gateway's LISTEN connection (ws_gateway/listener.py).
-LISTENER_APP = "replyx-gateway-listener"
 #: A dialog id no dialog has: the check's NOTIFY is routed to nobody.
-NOWHERE = 2**63 - 1
+NOWHERE = MAX_ID
 
 
 @dataclass
@@ -154,7 +158,6 @@ class Checker:
     # -- Postgres ------------------------------------------------------------------
 
     def _connect(self, **kwargs: Any) -> Any:
-        import psycopg
 
         assert self.url is not None
         return psycopg.connect(
@@ -163,7 +166,6 @@ class Checker:
         )
 
     def check_postgres(self) -> str:
-        import psycopg
 
         if self.settings.database_url:
             self.url = self.settings.database_url
@@ -187,7 +189,6 @@ class Checker:
         return f"Postgres {version} reachable ({where})"
 
     def check_schema(self) -> str:
-        from replyx import schema
 
         assert self.url is not None
         current = schema.current_revision(self.url)
@@ -307,7 +308,6 @@ class Checker:
             time.sleep(0.1)
 
     def _gateway_notifications(self) -> float | None:
-        from prometheus_client.parser import text_string_to_metric_families
 
         try:
             _, _, body = self._get(self.gateway + "/metrics")
@@ -361,7 +361,6 @@ class Checker:
         if not sock.exists():
             self._supervisor_error = f"no supervisord socket at {sock}"
             return
-        from supervisor.xmlrpc import SupervisorTransport
 
         transport = SupervisorTransport(None, None, f"unix://{sock}")
         proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
@@ -391,7 +390,6 @@ class Checker:
         return info["pid"], f"supervisord: {info['statename']}"
 
     def _listening_pids(self, port: int) -> set[int]:
-        import psutil
 
         if self._listeners is None:
             table: dict[int, set[int]] = {}
@@ -402,7 +400,6 @@ class Checker:
         return self._listeners.get(port, set())
 
     def check_backend_workers(self) -> str:
-        import psutil
 
         port = self.settings.backend_port
         expected = self.settings.backend_workers
@@ -443,7 +440,6 @@ class Checker:
         return f"{note}; gunicorn master {master} with {expected} workers ({pids}) on :{port}"
 
     def check_gateway_process(self) -> str:
-        import psutil
 
         port = self.settings.gateway_port
         pid, note = self._supervised_pid("gateway")
@@ -528,8 +524,6 @@ class Checker:
         return f"WebSocket upgrade on /ws/health → gateway, status {frame.get('status')}"
 
     async def _ws_frame(self, url: str) -> dict[str, Any]:
-        from tornado.httpclient import HTTPRequest
-        from tornado.websocket import websocket_connect
 
         request = HTTPRequest(url, connect_timeout=self.timeout, request_timeout=self.timeout)
         conn = await websocket_connect(request, ping_interval=None)
@@ -543,7 +537,6 @@ class Checker:
 
 
 def _holds_listener(pid: int, port: int) -> bool:
-    import psutil
 
     try:
         conns = psutil.Process(pid).net_connections(kind="tcp")
@@ -554,7 +547,6 @@ def _holds_listener(pid: int, port: int) -> bool:
 
 
 def _same_program(a: int, b: int) -> bool:
-    import psutil
 
     try:
         return psutil.Process(a).name() == psutil.Process(b).name()
@@ -563,7 +555,6 @@ def _same_program(a: int, b: int) -> bool:
 
 
 def _ppid(pid: int) -> int | None:
-    import psutil
 
     try:
         return psutil.Process(pid).ppid()

@@ -1,6 +1,6 @@
 """The peer: what a Python team would otherwise build, Starlette + uvicorn + ``broadcaster``.
 
-Run as ``uvicorn bench.peers.starlette_broadcaster:app --workers 4`` with
+Run as ``uvicorn replyx_ops.bench.peers.starlette_broadcaster:app --workers 4`` with
 ``DATABASE_URL`` set. It does the product's job the way broadcaster's own chat
 example does it, on the same database as ReplyX:
 

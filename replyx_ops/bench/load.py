@@ -1,7 +1,7 @@
 """The load generator: socket-holding worker processes and one posting process.
 
 Each process runs its own asyncio loop and obeys commands sent over a pipe by
-:mod:`bench.run` (``(name, kwargs)`` in, a dict out), so the orchestrator can
+:mod:`replyx_ops.bench.run` (``(name, kwargs)`` in, a dict out), so the orchestrator can
 step every process through the same phases: open sockets, record, settle,
 close. Keeping them in separate processes keeps the measuring apart from the
 measured servers, and lets the sockets spread over both cores.
@@ -19,9 +19,10 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+import asyncpg
 import orjson
 
-from bench.wsclient import STAMP_PREFIX, Recorder, Socket, open_socket
+from replyx_ops.bench.wsclient import STAMP_PREFIX, Recorder, Socket, open_socket
 
 
 def raise_fd_limit() -> None:
@@ -280,7 +281,6 @@ class Poster:
         self, dsn: str, dialog_ids: list[int], connections: int, duration: float
     ) -> dict[str, Any]:
         """As many single-row INSERT commits as Postgres takes, from ``connections`` clients."""
-        import asyncpg
 
         conns = [await asyncpg.connect(dsn) for _ in range(connections)]
         counts = [0] * connections
