@@ -1,8 +1,8 @@
 """What every API handler shares: JSON in and out, credentials, and errors at the edge.
 
-Errors are translated here, once: :class:`ApiError` becomes its status with
-``{"error": …}``; a database that cannot be reached becomes 503; anything else
-is a 500 with a generic body (the traceback goes to the log, never the client).
+Errors are translated by :class:`replyx.web.JsonHandler` (shared with the
+gateway's HTTP side); this module says which errors of SQLAlchemy and psycopg
+mean "the database cannot be reached" (503).
 """
 
 from __future__ import annotations
@@ -20,24 +20,14 @@ from backend import store
 from backend.db import Database
 from replyx import security
 from replyx.config import Settings
-from replyx.logs import RedactedRequestLogging
 from replyx.protocol import MAX_ID, non_negative_int, positive_id
+from replyx.web import ApiError, JsonHandler
 
 log = logging.getLogger("backend.api")
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_TEXT_CHARS = 32 * 1024
 _PID = str(os.getpid())
-
-
-class ApiError(Exception):
-    """An error the client caused (or may retry): status, a short message, extra headers."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
 
 
 def is_database_unavailable(exc: BaseException) -> bool:
@@ -59,7 +49,7 @@ def parse_id(raw: str, what: str = "dialog") -> int:
 
 
 @tornado.web.stream_request_body
-class ApiHandler(RedactedRequestLogging, tornado.web.RequestHandler):
+class ApiHandler(JsonHandler):
     """Base of every JSON endpoint. Bodies are streamed so oversize ones are refused early."""
 
     db: Database
@@ -72,11 +62,12 @@ class ApiHandler(RedactedRequestLogging, tornado.web.RequestHandler):
         self._body = bytearray()
 
     def set_default_headers(self) -> None:
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.set_header("Cache-Control", "no-store")
-        self.set_header("X-Content-Type-Options", "nosniff")
+        super().set_default_headers()
         # Which gunicorn worker answered: handy when checking that load spreads.
         self.set_header("X-Replyx-Worker", _PID)
+
+    def is_unavailable(self, exc: BaseException) -> bool:
+        return is_database_unavailable(exc)
 
     async def prepare(self) -> None:
         self.request.connection.set_max_body_size(MAX_BODY_BYTES)
@@ -153,17 +144,10 @@ class ApiHandler(RedactedRequestLogging, tornado.web.RequestHandler):
 
     # -- credentials -------------------------------------------------------
 
-    def bearer_or_query(self, query_name: str) -> str | None:
-        header = self.request.headers.get("Authorization", "")
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-        return self.get_query_argument(query_name, None) or None
-
     def operator_id(self) -> int:
         """The operator's user id from a valid JWT, else 401."""
         try:
-            claims = security.verify_operator_token(self.bearer_or_query("token"), self._jwt_secret)
+            claims = security.verify_operator_token(self.credential("token"), self._jwt_secret)
         except security.InvalidTokenError:
             raise ApiError(401, "missing, invalid or expired operator token") from None
         return claims.user_id
@@ -199,47 +183,10 @@ class ApiHandler(RedactedRequestLogging, tornado.web.RequestHandler):
 
     # -- output ------------------------------------------------------------
 
-    def write_json(self, value: Any, status: int = 200) -> None:
-        self.set_status(status)
-        self.finish(orjson.dumps(value))
-
     def write_json_text(self, rendered: str, status: int = 200) -> None:
         """Send JSON the database already rendered (a message), without re-encoding it."""
         self.set_status(status)
         self.finish(rendered.encode())
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, ApiError):
-            self.set_status(exc.status)
-            for name, value in exc.headers.items():
-                self.set_header(name, value)
-            message = exc.message
-        elif exc is not None and is_database_unavailable(exc):
-            self.set_status(503)
-            self.set_header("Retry-After", "1")
-            message = "database unavailable, retry shortly"
-        elif isinstance(exc, tornado.web.HTTPError):
-            # Tornado's own errors may carry the offending value in their arguments (say, the
-            # first bytes of a query parameter): the client gets the plain reason instead.
-            message = exc.log_message if exc.log_message and not exc.args else self._reason
-            if exc.status_code == 405:
-                message = "method not allowed"
-        else:
-            message = self._reason if status_code < 500 else "internal error"
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(orjson.dumps({"error": message}))
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, ApiError):
-            return
-        if value is not None and is_database_unavailable(value):
-            log.warning(
-                "%s %s: database unavailable (%s)",
-                self.request.method, self.request.path, type(value).__name__,
-            )
-            return
-        super().log_exception(typ, value, tb)
 
 
 class NotFoundHandler(ApiHandler):

@@ -12,7 +12,7 @@ SITE_SENDERS = (Sender.VISITOR, Sender.ASSISTANT, Sender.SYSTEM)
 
 class SiteHandler(ApiHandler):
     def site_token(self) -> str:
-        token = self.bearer_or_query("site_token")
+        token = self.credential("site_token")
         if not token:
             raise ApiError(401, "site_token is required")
         return token

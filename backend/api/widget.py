@@ -31,7 +31,7 @@ class WidgetHandler(ApiHandler):
         self.finish()
 
     def guest(self) -> store.Principal:
-        token = self.bearer_or_query("guest_token")
+        token = self.credential("guest_token")
         if not token:
             raise ApiError(401, "guest_token is required")
         return store.Principal.guest(token)
