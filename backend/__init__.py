@@ -1,1 +1,1 @@
-"""The HTTP API: a Tornado application served by gunicorn's tornado worker (4 workers)."""
+"""The HTTP API: a Tornado app served by gunicorn's tornado worker (``BACKEND_WORKERS`` of them)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import tornado.web
 
@@ -18,8 +19,8 @@ from backend.api.health import HealthHandler
 from backend.api.metrics import MetricsHandler
 from backend.db import Database
 from replyx import logs, schema
-from replyx.config import Settings
 from replyx.pg import redact_url, resolve_database_url
+from replyx.settings import Settings
 
 log = logging.getLogger("backend")
 
@@ -31,19 +32,22 @@ def make_app(
 ) -> tornado.web.Application:
     """Build the API; refuses to start unless the schema is at the newest migration."""
     settings = settings or Settings.from_environ()
-    logs.setup_logging(settings.log_level)
+    logs.setup_logging(settings.log_level or "INFO")
     url = database_url or resolve_database_url(settings.database_url, settings.data_dir)
     # Inside gunicorn's 30 s boot timeout: a worker respawned during a Postgres restart waits.
     schema.ensure_at_head(schema.wait_for_revision(url, timeout=20))
     log.info("backend worker ready, database %s", redact_url(url))
     metrics.worker_started()
-    return build_application(settings, Database(url), settings.jwt_secret())
+    return build_application(
+        settings, Database(url), settings.jwt_secret(), metrics_dir=settings.backend_metrics_dir
+    )
 
 
 def build_application(
-    settings: Settings, db: Database, jwt_secret: bytes
+    settings: Settings, db: Database, jwt_secret: bytes, *, metrics_dir: Path | None = None
 ) -> tornado.web.Application:
-    deps = {"db": db, "config": settings, "jwt_secret": jwt_secret}
+    """The API on ``db``; ``metrics_dir``: the workers' shared metrics (gunicorn only)."""
+    deps = {"db": db, "config": settings, "jwt_secret": jwt_secret, "metrics_dir": metrics_dir}
     routes = [
         (r"/health", HealthHandler),
         (r"/metrics", MetricsHandler),
@@ -58,7 +62,7 @@ def build_application(
         (rf"/api/widget/dialogs/{ID}/messages", widget.WidgetMessagesHandler),
         (rf"/api/widget/dialogs/{ID}/typing", widget.WidgetTypingHandler),
     ]
-    app = tornado.web.Application(
+    return tornado.web.Application(
         [(pattern, handler, deps) for pattern, handler in routes],
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
@@ -66,8 +70,6 @@ def build_application(
         serve_traceback=False,
         compress_response=False,
     )
-    app.settings["replyx_db"] = db
-    return app
 
 
 def _log_and_count(routes: list[tuple[str, type]]) -> Callable[[tornado.web.RequestHandler], None]:

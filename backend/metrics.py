@@ -9,7 +9,7 @@ in-process test apps) the same metrics are read from :data:`REGISTRY`.
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -62,11 +62,11 @@ def observe(handler: RequestHandler, route: str) -> None:
     DURATION.labels(method, route).observe(request.request_time())
 
 
-def exposition() -> bytes:
-    """Prometheus text for all workers (multiprocess mode) or this process alone."""
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not path:
+def exposition(multiprocess_dir: Path | None) -> bytes:
+    """Prometheus text summed over every worker's files in ``multiprocess_dir`` (gunicorn),
+    or of this process alone (``None``: the in-process test apps)."""
+    if multiprocess_dir is None:
         return generate_latest(REGISTRY)
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=path)
+    multiprocess.MultiProcessCollector(registry, path=str(multiprocess_dir))
     return generate_latest(registry)

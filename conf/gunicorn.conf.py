@@ -1,4 +1,4 @@
-"""gunicorn for the backend: the tornado worker, 4 workers (``BACKEND_WORKERS`` overrides).
+"""gunicorn for the backend: the tornado worker, ``BACKEND_WORKERS`` (4) workers.
 
 Run as ``gunicorn -c conf/gunicorn.conf.py "backend.app:make_app()"``; supervisord does.
 Each worker builds its own app, engine and pool after the fork.
@@ -11,7 +11,7 @@ that any worker's ``/metrics`` answers with the sum over all of them.
 import os
 import shutil
 
-from replyx.config import Settings
+from replyx.settings import Settings
 
 _settings = Settings.from_environ()
 
@@ -31,7 +31,7 @@ timeout = 30
 # would print raw URIs with their tokens, so it stays off.
 accesslog = None
 errorlog = "-"
-loglevel = _settings.log_level.lower()
+loglevel = (_settings.log_level or "INFO").lower()
 
 # prometheus-client picks its multiprocess value class when it is first imported, so the
 # variable must be in the environment before any worker imports it: set it here, in the

@@ -118,10 +118,6 @@ class EmbeddedPostgres:
             if self.is_running():
                 self._pg_ctl("-w", "-t", "60", "-m", mode, "stop")
 
-    def kill(self) -> None:
-        """Stop the server without a checkpoint, as a crash would."""
-        self.stop(mode="immediate")
-
     # -- internals ---------------------------------------------------------
 
     def _prepare_for_system_user(self) -> None:

@@ -1,4 +1,4 @@
-"""``replyx check``: the seed's ``check_ws_gateway_architecture.sh`` as a command.
+"""``replyx check``: the migration guide's ``check_ws_gateway_architecture.sh``, as a command.
 
 One line per part of the architecture, each PASS, FAIL (with a hint naming the
 fix) or SKIP (a part that is not configured, or that cannot be checked because
@@ -33,11 +33,11 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from replyx import schema
-from replyx.config import Settings
 from replyx.pg import EmbeddedPostgres, libpq_url, redact_url
 from replyx.protocol import LISTENER_APPLICATION as LISTENER_APP
 from replyx.protocol import MAX_ID
 from replyx.protocol import NOTIFY_CHANNEL as CHANNEL
+from replyx.settings import Settings
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 

@@ -15,10 +15,10 @@ import orjson
 from backend import store
 from backend.db import Database
 from replyx import logs, schema, security
-from replyx.config import ConfigError, Settings
 from replyx.origins import normalize_origin
 from replyx.pg import EmbeddedPostgres, EmbeddedPostgresError, libpq_url, psql_binary
 from replyx.schema import SchemaMismatchError
+from replyx.settings import ConfigError, Settings
 from replyx_ops import check, stack
 from replyx_ops.bench import run as bench_run
 
@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"replyx: {exc}", file=sys.stderr)
         return 2
-    logs.setup_logging(os.environ.get("REPLYX_LOG_LEVEL", "WARNING").upper())
+    logs.setup_logging(settings.log_level or "WARNING")
 
     try:
         return args.func(settings, args)

@@ -16,7 +16,7 @@ import orjson
 from backend import store
 from backend.db import Database
 from replyx import security
-from replyx.config import Settings
+from replyx.settings import Settings
 
 DEMO_EMAIL = "demo@replyx.local"
 
@@ -77,7 +77,7 @@ def ensure_demo_tenant(settings: Settings, url: str) -> dict[str, Any]:
 
 
 def try_it_lines(settings: Settings, tenant: dict[str, Any]) -> list[str]:
-    """The seed's wscat and curl lines, filled in with the demo tenant's ids and tokens."""
+    """The migration guide's wscat and curl lines, with the demo tenant's ids and tokens."""
     host = settings.host
     ws = f"ws://{host}:{settings.gateway_port}"
     api = f"http://{host}:{settings.backend_port}"
@@ -98,7 +98,7 @@ def try_it_lines(settings: Settings, tenant: dict[str, Any]) -> list[str]:
         "  # 3. a site integration on the same dialog as the admin panel",
         f'  wscat -c "{ws}/ws/site/dialogs/{site_dialog}?site_token={tenant["site_token"]}"',
         "  # 4. send a message through the API: it reaches sockets 1 and 3",
-        # (The seed's `-G -d site_token=…` form would move the JSON body into the URL too.)
+        # (The guide's `-G -d site_token=…` form would move the JSON body into the URL too.)
         f'  curl -X POST "{api}/api/site/dialogs/{site_dialog}/messages'
         f'?site_token={tenant["site_token"]}"'
         f" -H 'Content-Type: application/json' -d '{{\"text\": \"Test message\"}}'",

@@ -8,6 +8,7 @@ then the embedded Postgres if this command started it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -20,8 +21,8 @@ from string import Template
 from typing import Any
 
 from replyx import schema
-from replyx.config import Settings
 from replyx.pg import EmbeddedPostgres, redact_url
+from replyx.settings import Settings
 from replyx_ops import demo as demo_mod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,22 +31,16 @@ CONF = ROOT / "conf"
 
 def stack_environ(settings: Settings, database_url: str, *, nginx: bool) -> dict[str, str]:
     """The environment supervisord and its programs run with."""
-    env = dict(os.environ)
+    # Every setting as this process read it (the data dir made absolute, the database the
+    # one resolved here), then what only conf/supervisord.conf reads.
+    env = dict(os.environ) | dataclasses.replace(settings, database_url=database_url).to_environ()
     env.update(
         {
-            "DATABASE_URL": database_url,
-            "REPLYX_DATA_DIR": str(settings.data_dir),
             "REPLYX_ROOT": str(ROOT),
             "REPLYX_BIN": str(Path(sys.executable).parent),
-            "REPLYX_HOST": settings.host,
-            "BACKEND_PORT": str(settings.backend_port),
-            "GATEWAY_PORT": str(settings.gateway_port),
-            "NGINX_PORT": str(settings.nginx_port),
             "REPLYX_NGINX": "true" if nginx else "false",
             "REPLYX_NGINX_BIN": shutil.which("nginx") or "/usr/sbin/nginx",
             "REPLYX_NGINX_CONF": str(settings.data_dir / "nginx" / "nginx.conf"),
-            "REPLYX_LOG_MAX_BYTES": str(settings.log_max_bytes),
-            "REPLYX_LOG_BACKUPS": str(settings.log_backups),
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -127,7 +122,7 @@ def run(settings: Settings, *, demo: bool = True, nginx: bool = True) -> int:
         note(f"database: {redact_url(url)}" + (" (embedded)" if embedded else ""))
         schema.upgrade(url)
         note(f"schema at {schema.head_revision()}")
-        settings.jwt_secret()  # create the development key before four workers race for it
+        settings.jwt_secret()  # create the development key before the workers race for it
         if stopping:
             return 0
 
@@ -181,7 +176,8 @@ def print_banner(settings: Settings, url: str, nginx: bool, demo: bool) -> None:
     lines = [
         "",
         "ReplyX realtime is up.",
-        f"  backend  {api}   (gunicorn, 4 workers)   log {settings.log_dir}/backend.log",
+        f"  backend  {api}   (gunicorn, {settings.backend_workers} workers)"
+        f"   log {settings.log_dir}/backend.log",
         f"  gateway  {ws}     (one process)           log {settings.log_dir}/gateway.log",
     ]
     if nginx:

@@ -16,7 +16,7 @@ from tornado.ioloop import IOLoop
 
 from backend.app import build_application
 from backend.db import Database
-from replyx.config import Settings
+from replyx.settings import Settings
 from replyx_client import DialogClient
 from tests.fix_db import Tenant
 from tests.fix_secrets import remember

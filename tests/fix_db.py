@@ -25,8 +25,8 @@ import pytest
 from backend import store
 from backend.db import Database
 from replyx import schema, security
-from replyx.config import Settings
 from replyx.pg import EmbeddedPostgres, libpq_url, with_database
+from replyx.settings import Settings
 from tests.fix_secrets import keep_logs_of, remember, watch_dir
 
 T = TypeVar("T")

@@ -17,7 +17,7 @@ import pytest
 from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
 
 from replyx.addresses import client_address, limit_key
-from replyx.config import Settings
+from replyx.settings import Settings
 from replyx_client import DialogClient, DialogClosedError
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant, make_settings

@@ -28,7 +28,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from replyx import security
-from replyx.config import ConfigError, Settings
+from replyx.settings import ConfigError, Settings
 from replyx_client import DialogClient, DialogClosedError
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import TEST_JWT_SECRET, Tenant, make_settings

@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 from replyx import schema
-from replyx.config import Settings
 from replyx.protocol import NOTIFY_CHANNEL
+from replyx.settings import Settings
 from tests.fix_db import Tenant, make_settings, new_database, run_async
 
 

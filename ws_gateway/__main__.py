@@ -7,9 +7,9 @@ import logging
 import sys
 
 from replyx import logs
-from replyx.config import ConfigError, Settings
 from replyx.pg import resolve_database_url
 from replyx.schema import SchemaMismatchError
+from replyx.settings import ConfigError, Settings
 from ws_gateway.app import serve
 
 
@@ -19,7 +19,7 @@ def main() -> int:
     except ConfigError as exc:
         print(f"ws_gateway: {exc}", file=sys.stderr)
         return 2
-    logs.setup_logging(settings.log_level)
+    logs.setup_logging(settings.log_level or "INFO")
     try:
         url = resolve_database_url(settings.database_url, settings.data_dir)
         asyncio.run(serve(settings, url))

@@ -22,9 +22,9 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 
 from replyx import logs, schema
-from replyx.config import Settings
 from replyx.pg import libpq_url
 from replyx.protocol import GATEWAY_APPLICATION, NOTIFY_CHANNEL, CloseCode
+from replyx.settings import Settings
 from ws_gateway.events import BadPayloadError, parse_event
 from ws_gateway.handlers import debug
 from ws_gateway.handlers.admin import AdminSocket

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,8 +20,8 @@ from sqlalchemy import exc as sa_exc
 from backend import store
 from backend.db import Database
 from replyx import security
-from replyx.config import Settings
 from replyx.protocol import MAX_ID, non_negative_int, positive_id
+from replyx.settings import Settings
 from replyx.web import ApiError, JsonHandler
 
 log = logging.getLogger("backend.api")
@@ -55,8 +56,11 @@ class ApiHandler(JsonHandler):
     db: Database
     config: Settings
 
-    def initialize(self, db: Database, config: Settings, jwt_secret: bytes) -> None:
+    def initialize(
+        self, db: Database, config: Settings, jwt_secret: bytes, metrics_dir: Path | None
+    ) -> None:
         self.db = db
+        self.metrics_dir = metrics_dir
         self.config = config
         self._jwt_secret = jwt_secret
         self._body = bytearray()

@@ -19,4 +19,4 @@ class MetricsHandler(ApiHandler):
         if not is_direct_loopback(self.request):
             self.operator_id()  # 401 without a valid operator token
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(metrics.exposition())
+        self.finish(metrics.exposition(self.metrics_dir))

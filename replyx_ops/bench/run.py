@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from replyx.config import Settings
+from replyx.settings import Settings
 from replyx_ops.bench import report
 from replyx_ops.bench.load import Process, SocketPool, poster_main
 from replyx_ops.bench.servers import (
@@ -202,7 +202,7 @@ class Bench:
     def env(self) -> dict[str, str]:
         assert self.db is not None
         return server_env(self.db.url, self.run_dir, self.jwt_secret,
-                          REPLYX_LOG_LEVEL=os.environ.get("REPLYX_LOG_LEVEL", "INFO"))
+                          REPLYX_LOG_LEVEL=self.settings.log_level or "INFO")
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -218,7 +218,8 @@ class Bench:
 
         log_dir = self.run_dir / "log"
         backend_port, gateway_port = free_port(), free_port()
-        say("starting the backend (gunicorn, 4 workers) and the gateway")
+        say(f"starting the backend (gunicorn, {self.settings.backend_workers} workers)"
+            " and the gateway")
         self.start(start_backend, self.env(), backend_port, log_dir)
         gateway = self.start(start_gateway, self.env(), gateway_port, log_dir)
         self.pool = SocketPool(work.load_workers, "127.0.0.1", gateway_port)
