@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from ws_gateway.events import Event
 from ws_gateway.router import Router
-from ws_gateway.stats import Stats
+from ws_gateway.metrics import Stats
 
 DIALOG = 7
 

@@ -34,7 +34,7 @@ from ws_gateway.handlers.widget import WidgetSocket
 from ws_gateway.limits import Limiter
 from ws_gateway.listener import Listener
 from ws_gateway.router import Router
-from ws_gateway.stats import Stats, StatsCollector
+from ws_gateway.metrics import Stats, StatsCollector
 from ws_gateway.store import GatewayStore
 
 log = logging.getLogger("ws_gateway")

@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from ws_gateway.events import Event, age_seconds, ready_frame, text_frame
-from ws_gateway.stats import Stats
+from ws_gateway.metrics import Stats
 from ws_gateway.store import GatewayStore
 
 log = logging.getLogger("ws_gateway.router")
