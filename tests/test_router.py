@@ -16,8 +16,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from ws_gateway.events import Event
-from ws_gateway.router import Router
 from ws_gateway.metrics import Stats
+from ws_gateway.router import Router
 
 DIALOG = 7
 

@@ -10,10 +10,12 @@ from replyx import logs
 from replyx.pg import resolve_database_url
 from replyx.schema import SchemaMismatchError
 from replyx.settings import ConfigError, Settings
-from ws_gateway.app import serve
+from ws_gateway.app import RouterFactory, serve
+from ws_gateway.router import Router
 
 
-def main() -> int:
+def main(router_factory: RouterFactory = Router) -> int:
+    """Run one gateway; ``router_factory`` lets ``replyx bench`` run its naive fan-out."""
     try:
         settings = Settings.from_environ()
     except ConfigError as exc:
@@ -22,7 +24,7 @@ def main() -> int:
     logs.setup_logging(settings.log_level or "INFO")
     try:
         url = resolve_database_url(settings.database_url, settings.data_dir)
-        asyncio.run(serve(settings, url))
+        asyncio.run(serve(settings, url, router_factory=router_factory))
     except (SchemaMismatchError, ConfigError) as exc:
         logging.getLogger("ws_gateway").error("refusing to start: %s", exc)
         return 2

@@ -1,6 +1,8 @@
-"""NOTIFY payloads in, WebSocket frames out.
+"""NOTIFY payloads in, parsed and validated events out.
 
-A ``message`` payload is already the exact frame clients receive (the database
+Invariant: an :class:`Event` that leaves :func:`parse_event` names a valid
+dialog id (and, for messages, seq and id) and carries bytes fit to send as a
+frame's payload. A ``message`` payload is already the exact frame clients receive (the database
 renders it with ``replyx_message_json``), so the gateway parses it only to read
 the routing keys and forwards the original bytes. Anything that does not look
 like one of our events is rejected with :class:`BadPayloadError`, logged and dropped.
@@ -8,7 +10,6 @@ like one of our events is rejected with :class:`BadPayloadError`, logged and dro
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -81,23 +82,3 @@ def age_seconds(created_at: str | None, now: float) -> float | None:
         return now - datetime.fromisoformat(created_at).timestamp()
     except ValueError:
         return None
-
-
-def text_frame(payload: bytes) -> bytes:
-    """A complete unmasked, unfragmented RFC 6455 text frame around ``payload``.
-
-    Built once per event and written as-is to every socket of the dialog.
-    """
-    length = len(payload)
-    if length < 126:
-        return struct.pack("!BB", 0x81, length) + payload
-    if length <= 0xFFFF:
-        return struct.pack("!BBH", 0x81, 126, length) + payload
-    return struct.pack("!BBQ", 0x81, 127, length) + payload
-
-
-PONG_FRAME = text_frame(b'{"type":"pong"}')
-
-
-def ready_frame(dialog_id: int, last_seq: int) -> bytes:
-    return text_frame(b'{"type":"ready","dialog_id":%d,"last_seq":%d}' % (dialog_id, last_seq))

@@ -1,9 +1,11 @@
-"""Counters of the gateway, kept as plain integers on the hot path and exported on scrape.
+"""The gateway's metrics: plain integers on the hot path, Prometheus families on scrape.
 
-Incrementing a prometheus-client counter takes a lock; at hundreds of
-thousands of frames per second that shows in a profile. The router bumps
-plain attributes instead, and :class:`StatsCollector` turns them into
-Prometheus metrics only when ``/metrics`` is read.
+Invariant: nothing on the routing path touches prometheus-client (the lag
+histogram aside). Incrementing a prometheus-client counter takes a lock; at
+hundreds of thousands of frames per second that shows in a profile. The
+router bumps plain attributes of :class:`Stats` instead, and
+:class:`MetricsCollector` turns them into Prometheus metrics only when
+``/metrics`` is read.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ class Stats:
         self.notifications = 0
         self.bad_notifications = 0
         self.slow_consumers_dropped = 0
-        self.listener_reconnects = 0
         self.refused: Counter[str] = Counter()
         self.lag = Histogram(
             "replyx_notification_lag_seconds",
@@ -41,35 +42,30 @@ class Stats:
         self.lag.observe(max(seconds, 0.0))
 
 
-class StatsCollector(Collector):
-    """Exports :class:`Stats` and live gauges (sockets by kind, listener state)."""
+class MetricsCollector(Collector):
+    """Exports :class:`Stats` and live gauges read from the gateway's parts on each scrape."""
 
     def __init__(
         self,
         stats: Stats,
+        *,
         sockets_by_kind: Callable[[], dict[str, int]],
         listener_up: Callable[[], bool],
-        *,
-        dialogs: Callable[[], int] | None = None,
-        queue_length: Callable[[], int] | None = None,
-        resyncing: Callable[[], int] | None = None,
-        listener_reconnects: Callable[[], int] | None = None,
+        listener_reconnects: Callable[[], int],
+        dialogs: Callable[[], int],
+        queue_length: Callable[[], int],
+        resyncing: Callable[[], int],
     ) -> None:
         self.stats = stats
         self.sockets_by_kind = sockets_by_kind
         self.listener_up = listener_up
-        # The listener counts its own reconnects; Stats.listener_reconnects is the fallback.
-        self.listener_reconnects = listener_reconnects or (lambda: stats.listener_reconnects)
+        self.listener_reconnects = listener_reconnects
         self.gauges = [
-            (name, doc, read)
-            for name, doc, read in (
-                ("replyx_dialogs_watched", "Dialogs with at least one open socket", dialogs),
-                ("replyx_notification_queue_length",
-                 "Notifications received and not yet routed", queue_length),
-                ("replyx_resyncing_dialogs",
-                 "Dialogs catching up from the database after a listener reconnect", resyncing),
-            )
-            if read is not None
+            ("replyx_dialogs_watched", "Dialogs with at least one open socket", dialogs),
+            ("replyx_notification_queue_length",
+             "Notifications received and not yet routed", queue_length),
+            ("replyx_resyncing_dialogs",
+             "Dialogs catching up from the database after a listener reconnect", resyncing),
         ]
 
     def collect(self) -> Iterator[Metric]:

@@ -31,10 +31,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Coroutine, Iterable
+from typing import Any, Protocol
 
-from ws_gateway.events import Event, age_seconds, ready_frame, text_frame
+from replyx.protocol import SocketKind
+from ws_gateway.events import Event, age_seconds
+from ws_gateway.frames import ready_frame, text_frame
 from ws_gateway.metrics import Stats
 from ws_gateway.store import GatewayStore
 
@@ -46,7 +48,6 @@ REPLAY_PAGE = 500
 class Subscriber(Protocol):
     """One socket, as the router sees it."""
 
-    kind: str  # "admin" | "widget" | "site"
     dialog_id: int
     sent_seq: int
     # Frames routed while catching up: (routing tick, seq, frame). None when live.
@@ -62,13 +63,17 @@ class Subscriber(Protocol):
         """
 
     @property
+    def kind(self) -> str:
+        """``admin``, ``widget`` or ``site`` (a :class:`~replyx.protocol.SocketKind`)."""
+
+    @property
     def is_open(self) -> bool: ...
 
     def close(self, code: int, reason: str) -> None: ...
 
 
 class Router:
-    """Dialog id → its sockets, and the routing of events to them."""
+    """Dialog id → its sockets (:attr:`dialogs`), and the routing of events to them."""
 
     def __init__(
         self, store: GatewayStore, stats: Stats, *, replay_chunk: int = 256 * 1024
@@ -76,7 +81,7 @@ class Router:
         self.store = store
         self.stats = stats
         self.replay_chunk = replay_chunk
-        self.channels: dict[int, set[Subscriber]] = {}
+        self.dialogs: dict[int, set[Subscriber]] = {}
         self._tick = 0  # counts routed message events; orders buffer entries against queries
         self._generation = 0  # moves on whenever notifications may have been lost
         self._tasks: set[asyncio.Task[None]] = set()
@@ -87,19 +92,29 @@ class Router:
     # -- membership ----------------------------------------------------------
 
     def subscribers(self) -> Iterable[Subscriber]:
-        for subs in self.channels.values():
+        for subs in self.dialogs.values():
             yield from subs
 
     def sockets_of(self, dialog_id: int) -> set[Subscriber]:
-        return self.channels.get(dialog_id, set())
+        return self.dialogs.get(dialog_id, set())
+
+    def socket_count(self) -> int:
+        return sum(len(subs) for subs in self.dialogs.values())
+
+    def count_by_kind(self) -> dict[str, int]:
+        """Sockets by kind, every kind present (from 0)."""
+        counts = dict.fromkeys(map(str, SocketKind), 0)
+        for sub in self.subscribers():
+            counts[sub.kind] += 1
+        return counts
 
     def remove(self, sub: Subscriber) -> None:
-        subs = self.channels.get(sub.dialog_id)
+        subs = self.dialogs.get(sub.dialog_id)
         if subs is None:
             return
         subs.discard(sub)
         if not subs:
-            del self.channels[sub.dialog_id]
+            del self.dialogs[sub.dialog_id]
 
     async def join(self, sub: Subscriber, since: int | None) -> None:
         """Register ``sub``, replay ``seq > since`` from the database, go live, send ``ready``.
@@ -110,7 +125,7 @@ class Router:
         """
         sub.buffer = []
         sub.sent_seq = since or 0
-        self.channels.setdefault(sub.dialog_id, set()).add(sub)
+        self.dialogs.setdefault(sub.dialog_id, set()).add(sub)
         if since is None:
             sub.sent_seq = await self.store.last_seq(sub.dialog_id)
         await self.catch_up(sub.dialog_id, [sub], announce=True)
@@ -119,7 +134,7 @@ class Router:
 
     def route(self, event: Event) -> None:
         """Route one parsed event (``message`` or ``typing``) to its dialog's sockets."""
-        subs = self.channels.get(event.dialog_id)
+        subs = self.dialogs.get(event.dialog_id)
         if event.kind == "typing":
             if subs:
                 frame = text_frame(event.payload)
@@ -170,7 +185,7 @@ class Router:
 
     async def resolve_and_route(self, event: Event) -> None:
         """A ``message_ref`` (message too big for NOTIFY): read the row, then route it."""
-        if not self.channels.get(event.dialog_id):
+        if not self.dialogs.get(event.dialog_id):
             self._tick += 1
             return
         try:
@@ -204,7 +219,7 @@ class Router:
         because the generation moved on.
         """
         self._generation += 1
-        dialogs = [dialog_id for dialog_id in self.channels if self.resync(dialog_id)]
+        dialogs = [dialog_id for dialog_id in self.dialogs if self.resync(dialog_id)]
         if dialogs:
             log.info("resyncing %d dialog(s) from the database", len(dialogs))
 
@@ -327,8 +342,8 @@ class Router:
 
     # -- housekeeping ----------------------------------------------------------
 
-    def spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 

@@ -21,14 +21,13 @@ from tornado.iostream import StreamBufferFullError
 from tornado.websocket import WebSocketClosedError
 
 from ws_gateway import __main__ as gateway_main
-from ws_gateway.app import Gateway
 from ws_gateway.router import Router, Subscriber
 
 log = logging.getLogger("replyx_ops.bench.naive")
 
 
 def frame_payload(frame: bytes) -> bytes:
-    """The payload of an unmasked server frame built by ``events.text_frame``."""
+    """The payload of an unmasked server frame built by ``frames.text_frame``."""
     length = frame[1] & 0x7F
     return frame[2 + {126: 2, 127: 8}.get(length, 0) :]
 
@@ -56,9 +55,7 @@ class NaiveRouter(Router):
 
 
 def main() -> int:
-
-    Gateway.router_class = NaiveRouter
-    return gateway_main.main()
+    return gateway_main.main(router_factory=NaiveRouter)
 
 
 if __name__ == "__main__":

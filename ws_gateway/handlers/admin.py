@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-from tornado.httputil import HTTPHeaders
-
 from replyx import security
 from replyx.protocol import CloseCode, SocketKind
+from replyx.web import bearer
 from ws_gateway.handlers.base import DialogSocket, Refused
-
-
-def bearer(headers: HTTPHeaders) -> str | None:
-    """The token of an ``Authorization: Bearer …`` header (non-browser clients)."""
-    scheme, _, token = headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip() or None
 
 
 class AdminSocket(DialogSocket):
@@ -23,9 +14,9 @@ class AdminSocket(DialogSocket):
     async def authorize(self, dialog_id: int) -> None:
         token = self.get_query_argument("token", None) or bearer(self.request.headers)
         try:
-            claims = security.verify_operator_token(token, self.gateway.jwt_secret)
+            claims = security.verify_operator_token(token, self.parts.jwt_secret)
         except security.InvalidTokenError:
             raise Refused(CloseCode.UNAUTHORIZED, "missing, invalid or expired token") from None
-        if not await self.gateway.store.admin_dialog(dialog_id, claims.user_id):
+        if not await self.parts.store.admin_dialog(dialog_id, claims.user_id):
             raise Refused(CloseCode.NOT_FOUND, "dialog not found", f"user_id={claims.user_id}")
         self.expire_at(claims.expires_at)

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import orjson
 import tornado.websocket
-from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
+from tornado.ioloop import IOLoop
 
 from replyx.addresses import client_address
 from replyx.logs import RedactedRequestLogging
 from replyx.protocol import CloseCode, SocketKind, non_negative_int, positive_id
-from ws_gateway.events import PONG_FRAME
-
-if TYPE_CHECKING:
-    from ws_gateway.app import Gateway
+from ws_gateway.frames import PONG_FRAME
+from ws_gateway.parts import Parts
+from ws_gateway.transport import FrameLimitedProtocol, Transport
 
 log = logging.getLogger("ws_gateway.sockets")
 
@@ -44,75 +42,18 @@ def parse_dialog_id(raw: str) -> int:
     return dialog_id
 
 
-class FrameLimitedProtocol(tornado.websocket.WebSocketProtocol13):
-    """Tornado's RFC 6455 protocol, with a rate limit per frame and a close code that arrives.
-
-    ``on_message`` only sees whole data messages: pings, pongs and the fragments
-    of a message never reach it, so a flood of those would escape a per-message
-    limit. Here every frame read is charged; over the limit the socket is closed
-    with 1008.
-
-    Tornado closes an oversize frame (1009) by writing the close frame and closing
-    the socket at once. With the client's unread bytes still in our receive buffer
-    the kernel then sends a reset, which destroys the close frame before the client
-    reads it: it would see 1006, not 1009. So a connection we hang up on while the
-    client is still sending gets a *lingering close* instead: no more frames are
-    parsed, FIN follows the close frame, and what the client still sends is read
-    and discarded for up to ``LINGER_SECONDS`` before the socket is closed.
-    """
-
-    LINGER_SECONDS = 2.0
-
-    handler: DialogSocket
-    _linger_task: asyncio.Task[None] | None = None
-
-    async def _receive_frame(self) -> None:
-        await super()._receive_frame()
-        if not self.client_terminated and not self.handler.allow_frame():
-            self._abort()
-
-    def _abort(self) -> None:
-        if self._linger_task is not None and not self._linger_task.done():
-            return  # the lingering close ends the connection itself, shortly
-        stream = self.stream
-        if (
-            self.server_terminated  # our close frame is written
-            and not self.client_terminated
-            and stream is not None
-            and not stream.closed()
-            and not stream.reading()  # called between frames, not from a timer mid-read
-        ):
-            self.client_terminated = True  # the frame loop stops: nothing more is parsed
-            self._linger_task = asyncio.ensure_future(self._linger(stream))
-            return
-        super()._abort()
-
-    async def _linger(self, stream: IOStream) -> None:
-        try:
-            async with asyncio.timeout(self.LINGER_SECONDS):
-                await stream.write(b"")  # the close frame has left our buffer
-                if stream.socket is not None:
-                    stream.socket.shutdown(socket.SHUT_WR)
-                while True:
-                    await stream.read_bytes(64 * 1024, partial=True)
-        except (StreamClosedError, OSError, TimeoutError):
-            pass
-        finally:
-            super()._abort()
-
-
 class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
     """One client socket on one dialog. Subclasses implement :meth:`authorize`."""
 
     kind: ClassVar[SocketKind]
 
-    def initialize(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def initialize(self, parts: Parts) -> None:
+        self.parts = parts
         self.dialog_id = 0
         self.sent_seq = 0
         self.buffer: list[tuple[int, int, bytes]] | None = None
-        self._pending: list[bytes] | None = None  # frames held while the gateway is corked
-        self._stream: IOStream | None = None
+        # The write path; made in open(), once the connection has its stream.
+        self.transport: Transport | None = None
         self._joined = False
         self._closing = False
         self._server_close_code: int | None = None
@@ -133,55 +74,59 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         protocol = super().get_websocket_protocol()
         if not isinstance(protocol, tornado.websocket.WebSocketProtocol13):
             return protocol
-        return FrameLimitedProtocol(self, False, protocol.params)
+        return FrameLimitedProtocol(self, protocol.params, self.allow_frame)
 
     async def authorize(self, dialog_id: int) -> None:
         """Raise :class:`Refused` unless this request may read ``dialog_id``."""
         raise NotImplementedError
 
     async def open(self, raw_id: str) -> None:
-        gateway = self.gateway
-        assert self.ws_connection is not None
-        self._stream = self.ws_connection.stream
-        gateway.sockets.add(self)
-        if gateway.stopping:
+        parts = self.parts
+        assert self.ws_connection is not None and self.ws_connection.stream is not None
+        settings = parts.settings
+        self.transport = Transport(
+            self, self.ws_connection.stream, parts.stats,
+            buffer_limit=settings.socket_buffer_limit, slow_grace=settings.slow_close_grace,
+        )
+        parts.sockets.add(self)
+        if parts.stopping.is_set():
             self._close(CloseCode.RESTARTING, "gateway restarting, resume with since")
             return
-        if not gateway.limiter.acquire(self):
+        if not parts.limiter.acquire(self):
             log.warning(
                 "%s refused: too many sockets from %s", self.kind.tag, client_address(self.request)
             )
-            self.gateway.stats.refused[str(CloseCode.POLICY)] += 1
+            parts.stats.refused[str(CloseCode.POLICY)] += 1
             self._close(CloseCode.POLICY, "too many connections from this address")
             return
         since: int | None = None
         try:
             # Tornado reads no client frame (pongs included) until open() returns: bound the
             # wait for the database well inside its ping timeout.
-            async with asyncio.timeout(gateway.settings.join_timeout):
+            async with asyncio.timeout(settings.join_timeout):
                 self.dialog_id = parse_dialog_id(raw_id)
                 since = self._since()
                 await self.authorize(self.dialog_id)
-                if since is not None and since > await gateway.store.last_seq(self.dialog_id):
+                if since is not None and since > await parts.store.last_seq(self.dialog_id):
                     # Seqs only ever grow: this client's state is from another database.
                     raise Refused(CloseCode.BAD_REQUEST, "since is ahead of the dialog")
                 if not self.is_open:
                     return
-                self._stream.max_write_buffer_size = gateway.settings.socket_buffer_limit
+                self.transport.limit()
                 self._joined = True
-                await gateway.router.join(self, since)
+                await parts.router.join(self, since)
         except Refused as refusal:
             self._refuse(refusal)
             return
         except Exception as exc:
-            gateway.router.remove(self)
-            if not (isinstance(exc, TimeoutError) or gateway.store.is_unavailable(exc)):
+            parts.router.remove(self)
+            if not (isinstance(exc, TimeoutError) or parts.store.is_unavailable(exc)):
                 raise
             self._refuse(Refused(CloseCode.TRY_AGAIN, "database unavailable, try again"))
             return
         if not self.is_open:
             # The client left while we were replaying.
-            gateway.router.remove(self)
+            parts.router.remove(self)
             return
         log.info(
             "%s connected dialog_id=%d since=%s last_seq=%d peer=%s",
@@ -199,7 +144,7 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         return since
 
     def _refuse(self, refusal: Refused) -> None:
-        self.gateway.stats.refused[str(refusal.code)] += 1
+        self.parts.stats.refused[str(refusal.code)] += 1
         marker = " WEBSOCKET_4003_ERROR" if refusal.code == CloseCode.FORBIDDEN_ORIGIN else ""
         log.warning(
             "%s%s refused dialog_id=%s code=%d reason=%s%s peer=%s",
@@ -213,7 +158,7 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         if not self.is_open:
             return  # the client left during authorisation: no timer to hold it
         delay = max(0.0, unix_time - time.time())
-        self._expiry = self.gateway.loop_call_later(delay, self._expired)
+        self._expiry = IOLoop.current().call_later(delay, self._expired)
 
     def _expired(self) -> None:
         if self.is_open:
@@ -230,94 +175,21 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
     @property
     def is_finished(self) -> bool:
         """The connection is gone (Tornado forgets ``ws_connection`` as soon as it closes)."""
-        return self._stream is None or self._stream.closed()
+        return self.transport is None or self.transport.finished
 
     def write_frame(self, frame: bytes) -> bool:
-        """Queue one pre-built frame; during a routing batch, hold it for :meth:`flush_frames`.
-
-        Holding (corking) lets the frames a socket gets from one batch of
-        notifications leave in one ``send``: during a burst on a busy dialog that
-        is one system call per socket instead of one per frame.
-        """
-        if self._closing or self._stream is None:
+        """Write one pre-built frame, through the consumer's batch (which may hold it)."""
+        transport = self.transport
+        if transport is None:
             return False
-        corked = self.gateway.corked
-        if corked is None:
-            return self._send(frame)
-        if self._pending is None:
-            self._pending = [frame]
-            corked.append(self)
-        else:
-            self._pending.append(frame)
-        return True
-
-    def flush_frames(self) -> None:
-        """Send what :meth:`write_frame` held during the batch, in one write."""
-        pending, self._pending = self._pending, None
-        if pending and not self._closing and self._stream is not None:
-            self._send(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def _send(self, data: bytes) -> bool:
-        """Write whole frames. The buffer limit counts what waits behind earlier frames.
-
-        So a frame is never cut (a close frame after half a frame would corrupt the
-        stream), and a frame larger than the limit still goes out when nothing is queued.
-        """
-        stream = self._stream
-        assert stream is not None
-        if stream.writing():
-            try:
-                stream.write(data)
-            except StreamBufferFullError:
-                self._too_slow()
-                return False
-            except StreamClosedError:
-                return False
-            return True
-        # Nothing queued before it: hand it straight to the kernel. IOStream.write would
-        # also make a Future, copy into its buffer and slice it again, per socket per frame.
-        sock = stream.socket
-        if sock is None:
-            return False
-        try:
-            sent = sock.send(data)
-        except OSError:
-            sent = 0  # EAGAIN, or an error that stream.write below meets and closes on
-        if sent == len(data):
-            return True
-        limit, stream.max_write_buffer_size = stream.max_write_buffer_size, None
-        try:
-            stream.write(data[sent:])
-        except StreamClosedError:
-            return False
-        finally:
-            if not self._closing:
-                stream.max_write_buffer_size = limit
-        return True
+        return self.parts.batch.write(transport, frame)
 
     async def drained(self) -> None:
-        stream = self._stream
-        if stream is None or self._closing:
+        transport = self.transport
+        if transport is None or transport.closing:
             return
-        if self._pending:
-            self.flush_frames()
-        grace = self.gateway.settings.slow_close_grace
-        try:
-            await asyncio.wait_for(stream.write(b""), grace)
-        except StreamClosedError:
-            pass
-        except TimeoutError:
-            # It stopped reading in the middle of a replay; the replay must not wait for it.
-            self._too_slow(f"replay not read for {grace:.0f}s")
-
-    def _too_slow(self, detail: str = "") -> None:
-        self.gateway.stats.slow_consumers_dropped += 1
-        detail = detail or f"write buffer over {self.gateway.settings.socket_buffer_limit} bytes"
-        log.warning(
-            "%s slow consumer dialog_id=%d sent_seq=%d: %s, closing %d",
-            self.kind.tag, self.dialog_id, self.sent_seq, detail, CloseCode.TOO_SLOW,
-        )
-        self._close(CloseCode.TOO_SLOW, "client too slow, resume with since")
+        self.parts.batch.flush_one(transport)
+        await transport.drained()
 
     def _close(self, code: int, reason: str) -> None:
         if self._closing:
@@ -329,16 +201,15 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         self._closing = True
         if self._server_close_code is None:
             self._server_close_code = code
-        if self._stream is not None:
-            # The close frame must get past the buffer limit (a full buffer would raise).
-            self._stream.max_write_buffer_size = None
+        if self.transport is not None:
+            self.transport.close()
         super().close(code, reason)
 
     # -- client frames ------------------------------------------------------------
 
     def allow_frame(self) -> bool:
         """Charge one inbound frame; over the limit, close with 1008 and return False."""
-        if self._closing or self.gateway.limiter.allow_frame(self):
+        if self._closing or self.parts.limiter.allow_frame(self):
             # Frames still in flight while a close handshake runs are not charged.
             return True
         log.warning(
@@ -358,12 +229,15 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         if self._expiry is not None:
-            self.gateway.loop_cancel(self._expiry)
+            IOLoop.current().remove_timeout(self._expiry)
             self._expiry = None
         self._closing = True
-        self.gateway.sockets.discard(self)
-        self.gateway.router.remove(self)
-        self.gateway.limiter.release(self)
+        if self.transport is not None:
+            self.transport.closing = True
+        parts = self.parts
+        parts.sockets.discard(self)
+        parts.router.remove(self)
+        parts.limiter.release(self)
         if self._joined:
             code = self._server_close_code or self.close_code
             log.info(

@@ -13,7 +13,7 @@ class SiteSocket(DialogSocket):
         token = self.get_query_argument("site_token", None)
         if not token:
             raise Refused(CloseCode.UNAUTHORIZED, "site_token is required")
-        valid, owned = await self.gateway.store.site_dialog(token, dialog_id)
+        valid, owned = await self.parts.store.site_dialog(token, dialog_id)
         if not valid:
             raise Refused(CloseCode.UNAUTHORIZED, "invalid site token")
         if not owned:

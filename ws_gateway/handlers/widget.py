@@ -19,14 +19,14 @@ class WidgetSocket(DialogSocket):
         token = self.get_query_argument("guest_token", None)
         if not token:
             raise Refused(CloseCode.UNAUTHORIZED, "guest_token is required")
-        dialog = await self.gateway.store.guest_dialog(token)
+        dialog = await self.parts.store.guest_dialog(token)
         if dialog is None:
             raise Refused(CloseCode.UNAUTHORIZED, "invalid guest token")
         if dialog.dialog_id != dialog_id or not self._assistant_matches(dialog.assistant_id):
             raise Refused(CloseCode.NOT_FOUND, "dialog not found")
         origin = self.request.headers.get("Origin")
         parent_origin = self.get_query_argument("parent_origin", None)
-        widget_origin = self.gateway.settings.widget_origin
+        widget_origin = self.parts.settings.widget_origin
         if not origin_allowed(origin, parent_origin, dialog.domains, widget_origin):
             checked = effective_origin(origin, parent_origin, widget_origin)
             raise Refused(

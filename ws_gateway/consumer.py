@@ -1,0 +1,160 @@
+"""The one task that turns queued NOTIFY payloads into routed frames, a batch at a time.
+
+Invariant: frames are held (corked) only while this consumer routes a batch,
+and only by its :class:`WriteBatch`; every await of the consumer is preceded
+by a flush, so no other task (a replay, a join, a pong) ever finds its frames
+held behind someone else's batch. Sockets never hold frames themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Protocol
+
+from replyx.protocol import CloseCode, FrameType
+from ws_gateway.events import BadPayloadError, parse_event
+from ws_gateway.metrics import Stats
+from ws_gateway.router import Router
+
+log = logging.getLogger("ws_gateway")
+
+# Longest stretch of routing before held frames are flushed and other tasks get a turn.
+BATCH_SECONDS = 0.01
+
+
+class Writer(Protocol):
+    """What a batch writes to: one socket's write path (see ``transport.Transport``)."""
+
+    @property
+    def dialog_id(self) -> int: ...
+
+    @property
+    def closing(self) -> bool: ...
+
+    def write(self, data: bytes) -> bool:
+        """Write whole frames; False when the socket is gone or closing."""
+
+    def fail(self, code: int, reason: str) -> None:
+        """Close the socket after an internal error."""
+
+
+class WriteBatch:
+    """Frames held for their sockets while a batch of notifications is routed.
+
+    Holding lets the frames one socket gets from one batch leave in one ``send``:
+    during a burst on a busy dialog that is one system call per socket instead of
+    one per frame. Outside a batch, :meth:`write` writes at once.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[Writer, list[bytes]] | None = None
+
+    def write(self, writer: Writer, frame: bytes) -> bool:
+        """Write ``frame`` now, or hold it until :meth:`flush` while a batch is open."""
+        held = self._held
+        if held is None:
+            return writer.write(frame)
+        if writer.closing:
+            return False
+        frames = held.get(writer)
+        if frames is None:
+            held[writer] = [frame]
+        else:
+            frames.append(frame)
+        return True
+
+    def open(self) -> None:
+        self._held = {}
+
+    def flush(self) -> None:
+        """Send what the batch held, one write per socket, and stop holding."""
+        held, self._held = self._held, None
+        for writer, frames in (held or {}).items():
+            self._send(writer, frames)
+
+    def flush_one(self, writer: Writer) -> None:
+        """Send what is held for ``writer`` now (it is about to wait for its buffer to drain)."""
+        frames = self._held.pop(writer, None) if self._held is not None else None
+        if frames:
+            self._send(writer, frames)
+
+    @staticmethod
+    def _send(writer: Writer, frames: list[bytes]) -> None:
+        if writer.closing:
+            return
+        try:
+            writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        except Exception:
+            log.exception("flushing frames to a socket of dialog %d failed", writer.dialog_id)
+            writer.fail(CloseCode.INTERNAL_ERROR, "internal error, resume with since")
+
+
+class Consumer:
+    """Parses queued payloads and hands them to the router, in batches of ``BATCH_SECONDS``."""
+
+    def __init__(self, router: Router, stats: Stats, batch: WriteBatch) -> None:
+        self.router = router
+        self.stats = stats
+        self.batch = batch
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def put(self, payload: str) -> None:
+        """The listener's callback: queue and return (parsing and routing happen in the task)."""
+        self.queue.put_nowait(payload)
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        """Route notifications in batches; each batch's frames leave in one write per socket.
+
+        A batch is what is queued, up to ``BATCH_SECONDS`` of routing. Then the held
+        frames are flushed and the loop yields, so a burst cannot starve the
+        listener's probe, pings and handshakes for longer than one batch.
+        """
+        queue = self.queue
+        batch = self.batch
+        while True:
+            payload = await queue.get()
+            deadline = time.monotonic() + BATCH_SECONDS
+            batch.open()
+            try:
+                await self._handle(payload)
+                while not queue.empty() and time.monotonic() < deadline:
+                    await self._handle(queue.get_nowait())
+            finally:
+                batch.flush()
+            await asyncio.sleep(0)
+
+    async def _handle(self, payload: str) -> None:
+        self.stats.notifications += 1
+        try:
+            event = parse_event(payload)
+        except BadPayloadError as exc:
+            self.stats.bad_notifications += 1
+            log.warning("dropped malformed notification (%s): %r", exc, payload[:120])
+            return
+        try:
+            if event.kind == FrameType.MESSAGE_REF:
+                # Reading the row awaits, and other tasks (replays, joins) run meanwhile: what
+                # this batch holds goes out first, and their writes must not be held, since
+                # their pacing waits on real writes.
+                self.batch.flush()
+                try:
+                    await self.router.resolve_and_route(event)
+                finally:
+                    self.batch.open()
+            else:
+                self.router.route(event)
+        except Exception:
+            log.exception("failed to route %s for dialog %d", event.kind, event.dialog_id)
