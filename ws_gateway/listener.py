@@ -6,8 +6,13 @@ termination callback (the server closed it), a probe query every
 ``probe_interval`` that must answer within ``probe_timeout`` (asyncpg sets no
 TCP keepalive and notices a silently dead peer only when it sends), and the
 consumer noticing nothing. On loss the listener reconnects with capped,
-jittered backoff, re-LISTENs, and calls ``on_up`` so the router re-reads what
-it may have missed: NOTIFY is only a hint, the database is the truth.
+jittered backoff (:class:`replyx.backoff.Backoff`), re-LISTENs, and calls
+``on_up`` so the router re-reads what it may have missed: NOTIFY is only a
+hint, the database is the truth.
+
+Invariant: ``on_up`` runs synchronously each time LISTEN is (re)established,
+before any notification received on the new connection is routed; the loop
+never ends except through :meth:`Listener.stop`.
 """
 
 from __future__ import annotations
@@ -15,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import Literal
 
 import asyncpg
 
+from replyx.backoff import Backoff
 from replyx.protocol import LISTENER_APPLICATION
 
 log = logging.getLogger("ws_gateway.listener")
@@ -39,16 +44,14 @@ class Listener:
         probe_interval: float = 1.0,
         probe_timeout: float = 2.0,
         backoff_max: float = 30.0,
-        on_down: Callable[[], None] | None = None,
     ) -> None:
         self.dsn = dsn
         self.channel = channel
         self.on_payload = on_payload
         self.on_up = on_up
-        self.on_down = on_down
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
-        self.backoff_max = backoff_max
+        self.backoff = Backoff(initial=0.25, maximum=backoff_max)
         self.state: State = "starting"
         self.backend_pid: int | None = None
         self.reconnects = 0
@@ -83,23 +86,24 @@ class Listener:
                 await self._task
         await self._close_conn()
 
+    def stopped(self) -> bool:
+        # A method, not a property: stop() changes the state while _run awaits.
+        return self.state == "stopped"
+
     async def _run(self) -> None:
-        attempt = 0
-        while self.state != "stopped":
+        while not self.stopped():
             try:
                 await self._connect()
             except Exception as exc:
                 # Whatever went wrong, this loop must go on: if it ended, the gateway would
                 # stop delivering without anyone noticing.
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                attempt += 1
-                delay = min(self.backoff_max, 0.25 * 2 ** min(attempt - 1, 10))
-                delay *= random.uniform(0.8, 1.2)
+                delay = self.backoff.next()
                 log.warning("LISTEN connection failed (%s); retrying in %.1fs",
                             self.last_error, delay)
                 await asyncio.sleep(delay)
                 continue
-            attempt = 0
+            self.backoff.reset()
             if self.down_since is not None:
                 self.reconnects += 1
                 log.warning("LISTEN connection re-established after %.1fs (backend pid %s)",
@@ -112,7 +116,7 @@ class Listener:
             # Synchronously, before any newly queued notification is routed.
             self.on_up()
             reason = await self._watch()
-            if self.state == "stopped":
+            if self.stopped():
                 return
             self._mark_down(reason)
             await self._close_conn()
@@ -123,8 +127,6 @@ class Listener:
         self.down_since = time.monotonic()
         self.up_event.clear()
         log.warning("LISTEN connection lost: %s", reason)
-        if self.on_down is not None:
-            self.on_down()
 
     async def _connect(self) -> None:
         self._lost.clear()
@@ -143,8 +145,9 @@ class Listener:
             raise
         self._conn = conn
 
-    def _on_notification(self, conn: object, pid: int, channel: str, payload: str) -> None:
-        self.on_payload(payload)
+    def _on_notification(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        if isinstance(payload, str):  # always, from a NOTIFY; asyncpg types it loosely
+            self.on_payload(payload)
 
     def _on_terminated(self, conn: object) -> None:
         # asyncpg calls this with call_soon, so it may run after we dropped that connection

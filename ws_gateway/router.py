@@ -34,6 +34,7 @@ import time
 from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
+from replyx.backoff import Backoff
 from replyx.protocol import SocketKind
 from ws_gateway.events import Event, age_seconds
 from ws_gateway.frames import ready_frame, text_frame
@@ -251,7 +252,7 @@ class Router:
         buffering meanwhile, so nothing routed in the meantime is lost.
         """
         pending = [s for s in subs if s.is_open]
-        delay = 0.2
+        backoff = Backoff(initial=0.2, maximum=5.0)
         while pending:
             tick_before = self._tick
             generation = self._generation
@@ -265,11 +266,10 @@ class Router:
                         sub.close(1011, "internal error, resume with since")
                     return
                 log.warning("catch-up of dialog %d waits for the database (%s)", dialog_id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(backoff.next())
                 pending = [s for s in pending if s.is_open]
                 continue
-            delay = 0.2
+            backoff.reset()
             queued = 0
             for seq, payload in rows:
                 frame = text_frame(payload)
