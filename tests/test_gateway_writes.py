@@ -121,3 +121,55 @@ async def test_a_join_that_outlasts_its_deadline_gets_1013_and_is_counted(
         assert not gateway.sockets
     finally:
         await gateway.stop()
+
+
+class CountingPool:
+    """The gateway's pool, counting the queries (round trips) made through it."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.queries: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.pool, name)
+        if name not in ("fetch", "fetchrow", "fetchval", "execute"):
+            return attr
+
+        def counted(query: str, *args: Any, **kwargs: Any) -> Any:
+            self.queries.append(" ".join(query.split())[:60])
+            return attr(query, *args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_handshake_is_one_database_round_trip(
+    api: Api, sockets: Sockets, gateway: Gateway, tenant: Tenant
+) -> None:
+    """Authorisation, the dialog's last seq and the first replay page come in one query,
+    for each kind of socket, with and without since, accepted or refused."""
+    dialog_id, guest = await api.widget_dialog(tenant)
+    for i in range(3):
+        await api.post_widget(dialog_id, guest, f"history {i}")
+    store = gateway.store
+    counting = CountingPool(store.pool)
+    store.pool = counting  # type: ignore[assignment]
+    try:
+        handshakes: list[tuple[str, Any]] = [
+            ("admin", lambda: sockets.open(sockets.admin_url(tenant, dialog_id))),
+            ("admin since=0", lambda: sockets.open(sockets.admin_url(tenant, dialog_id), since=0)),
+            ("site since=1", lambda: sockets.open(sockets.site_url(tenant, dialog_id), since=1)),
+            ("widget since=2", lambda: sockets.open(
+                sockets.widget_url(tenant, dialog_id, guest), origin=tenant.domains[0], since=2)),
+            ("since ahead", lambda: sockets.refused(
+                sockets.site_url(tenant, dialog_id) + "&since=9")),
+            ("not yours", lambda: sockets.refused(sockets.site_url(tenant, dialog_id + 10**6))),
+        ]
+        for name, handshake in handshakes:
+            counting.queries.clear()
+            await handshake()
+            assert len(counting.queries) == 1, (name, counting.queries)
+    finally:
+        store.pool = counting.pool
+    clients = [c for c in sockets.clients if c.frames]
+    assert [c.seqs for c in clients[:4]] == [[], [1, 2, 3], [2, 3], [3]]

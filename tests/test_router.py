@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from ws_gateway.events import Event
 from ws_gateway.metrics import Stats
-from ws_gateway.router import Router
+from ws_gateway.router import REPLAY_PAGE, Router
 
 DIALOG = 7
 
@@ -109,6 +109,14 @@ async def until(condition: Any) -> None:
     raise AssertionError("condition never became true")
 
 
+async def join(router: Router, store: Store, sock: Socket, since: int | None) -> None:
+    """As a handshake does: register, then one query (last seq and the first page), then join."""
+    mark = router.register(sock)
+    start = await store.last_seq(DIALOG) if since is None else since
+    page = await store.messages_after(DIALOG, start, REPLAY_PAGE)
+    await router.join(sock, mark, start, page)
+
+
 @pytest.fixture
 def store() -> Store:
     return Store()
@@ -130,12 +138,12 @@ async def test_commit_between_a_joins_snapshot_and_a_new_listen_is_not_missed(
         store.commit(seq)
     store.gate = asyncio.Event()
     sock = Socket()
-    join = asyncio.ensure_future(router.join(sock, since=0))
+    join_ = asyncio.ensure_future(join(router, store, sock, since=0))
     await until(lambda: store.queries == 1)
     store.commit(6)
     router.resync_all()  # the listener reconnected
     store.gate.set()
-    await asyncio.wait_for(join, 5)
+    await asyncio.wait_for(join_, 5)
     assert sock.seqs == [1, 2, 3, 4, 5, 6]
     assert sock.frames[-1] == {"type": "ready", "dialog_id": DIALOG, "last_seq": 6}
     assert sock.buffer is None
@@ -150,7 +158,7 @@ async def test_unreadable_message_ref_is_caught_up_from_the_database(
     for seq in range(1, 4):
         store.commit(seq)
     sock = Socket()
-    await router.join(sock, since=0)
+    await join(router, store, sock, since=0)
     store.commit(4)
     store.ref_failures = 1
     await router.resolve_and_route(Event("message_ref", DIALOG, 4, 104))
@@ -180,7 +188,7 @@ async def test_a_long_replay_waits_for_the_socket_between_chunks(
             await asyncio.sleep(0)
 
     sock = Counting()
-    await router.join(sock, since=0)
+    await join(router, store, sock, since=0)
     assert sock.seqs == list(range(1, 11))
     assert drains == [2, 4, 6, 8, 10]
 
@@ -192,7 +200,7 @@ async def test_any_failure_to_read_a_message_ref_is_a_lost_notification(
     """Not only a lost connection: a cancelled or failed query must not drop the message."""
     store.commit(1)
     sock = Socket()
-    await router.join(sock, since=0)
+    await join(router, store, sock, since=0)
     store.commit(2)
     store.ref_failures = 1
     store.ref_error = asyncpg.exceptions.QueryCanceledError
@@ -210,9 +218,48 @@ async def test_a_hole_in_the_database_does_not_stall_the_dialog(
     for seq in (1, 2, 4):
         store.commit(seq)
     sock = Socket()
-    await router.join(sock, since=0)
+    await join(router, store, sock, since=0)
     assert sock.seqs == [1, 2, 4]
     store.commit(5)
     router.route(Event("message", DIALOG, 5, 105, message(5), None))
     assert sock.seqs == [1, 2, 4, 5]
     assert sock.buffer is None
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_message_routed_during_the_handshake_query_reaches_the_socket_once(
+    store: Store, router: Router
+) -> None:
+    """Register-then-replay: the socket is in its dialog before the one handshake query
+    begins, so a message committed and routed while that query runs is buffered. Once in
+    the page too (committed before the snapshot) or only in the buffer, it goes out once."""
+    for seq in range(1, 4):
+        store.commit(seq)
+    store.gate = asyncio.Event()
+    sock = Socket()
+    join_ = asyncio.ensure_future(join(router, store, sock, since=0))
+    await until(lambda: store.queries == 1)  # snapshot taken: 1..3
+    for seq in (4, 5):
+        store.commit(seq)
+        router.route(Event("message", DIALOG, seq, 100 + seq, message(seq), None))
+    assert sock.frames == []  # buffered, not written ahead of the replay
+    store.gate.set()
+    await asyncio.wait_for(join_, 5)
+    assert sock.seqs == [1, 2, 3, 4, 5]
+    assert sock.frames[-1] == {"type": "ready", "dialog_id": DIALOG, "last_seq": 5}
+    assert store.queries == 1  # nothing was missing: no second query
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_socket_refused_after_registering_gets_nothing(
+    store: Store, router: Router
+) -> None:
+    """A socket registers before its credential is checked; refused, it is removed and
+    whatever was routed meanwhile never reaches it."""
+    sock = Socket()
+    router.register(sock)
+    store.commit(1)
+    router.route(Event("message", DIALOG, 1, 101, message(1), None))
+    router.remove(sock)
+    assert sock.frames == []
+    assert router.sockets_of(DIALOG) == set()

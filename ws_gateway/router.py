@@ -14,6 +14,18 @@ after the listener reconnects every socket catches up, which is what fills the
 gap left by notifications lost while it was down. Catching up has no await
 between "buffer drained" and "live", so nothing can slip between the two.
 
+A join costs one database round trip: the handshake's query authorises the
+socket and reads the dialog's ``last_seq`` and first replay page in one
+snapshot (``store.*_opening``). Register-then-replay keeps that gap-free:
+:meth:`Router.register` puts the socket in its dialog, buffering, and returns a
+:class:`Mark` (tick, generation) *before* that query starts. A message
+committed before the query's snapshot is in the page (or at most ``since``); one
+committed after it is notified after its commit, so it is routed after the mark,
+into the buffer, with a later tick, and the drain keeps it. A message lost in
+between (the listener reconnected during the query) moved the generation on,
+so the page is not trusted to go live and the catch-up queries again. A socket
+refused by that query is removed before anything is written to it.
+
 A catch-up may go live only on a query whose snapshot was taken while
 notifications were flowing: when some may have been lost (the listener
 reconnected, or a ``message_ref`` could not be read) the router's
@@ -32,10 +44,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from replyx.backoff import Backoff
-from replyx.protocol import SocketKind
+from replyx.protocol import CloseCode, SocketKind
 from ws_gateway.events import Event, age_seconds
 from ws_gateway.frames import ready_frame, text_frame
 from ws_gateway.metrics import Stats
@@ -44,6 +57,15 @@ from ws_gateway.store import GatewayStore
 log = logging.getLogger("ws_gateway.router")
 
 REPLAY_PAGE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """Where routing stood when a query began: ``tick`` orders buffered frames against
+    its snapshot, ``generation`` tells whether notifications may have been lost since."""
+
+    tick: int
+    generation: int
 
 
 class Subscriber(Protocol):
@@ -117,19 +139,26 @@ class Router:
         if not subs:
             del self.dialogs[sub.dialog_id]
 
-    async def join(self, sub: Subscriber, since: int | None) -> None:
-        """Register ``sub``, replay ``seq > since`` from the database, go live, send ``ready``.
+    def register(self, sub: Subscriber) -> Mark:
+        """First half of a join: from now on every message of the dialog is buffered for ``sub``.
 
-        Registration comes first, so every message committed after the replay's
-        snapshot is routed into the buffer: nothing falls between the two.
-        Without ``since`` the socket starts at the dialog's current last seq.
+        Call it right before the handshake's query (which authorises the socket and
+        reads its first replay page); the returned mark is where routing stood then.
+        A refused socket is taken out again with :meth:`remove`.
         """
         sub.buffer = []
-        sub.sent_seq = since or 0
+        sub.sent_seq = 0
         self.dialogs.setdefault(sub.dialog_id, set()).add(sub)
-        if since is None:
-            sub.sent_seq = await self.store.last_seq(sub.dialog_id)
-        await self.catch_up(sub.dialog_id, [sub], announce=True)
+        return Mark(self._tick, self._generation)
+
+    async def join(
+        self, sub: Subscriber, mark: Mark, start_seq: int, page: list[tuple[int, bytes]]
+    ) -> None:
+        """Second half: write ``page`` (rows with seq > ``start_seq``, read by a query that
+        began after :meth:`register` gave ``mark``), catch up the rest, go live, send ``ready``.
+        """
+        sub.sent_seq = start_seq
+        await self.catch_up(sub.dialog_id, [sub], announce=True, first=(mark, page))
 
     # -- routing ---------------------------------------------------------------
 
@@ -244,32 +273,48 @@ class Router:
     # -- catching up -----------------------------------------------------------
 
     async def catch_up(
-        self, dialog_id: int, subs: list[Subscriber], *, announce: bool = False
+        self,
+        dialog_id: int,
+        subs: list[Subscriber],
+        *,
+        announce: bool = False,
+        first: tuple[Mark, list[tuple[int, bytes]]] | None = None,
     ) -> None:
         """Bring buffering sockets of one dialog up to date, then make them live.
 
+        ``first`` is a page already read (by a join's handshake query) and the mark
+        taken before that query began; without it the first page is queried here.
         Retries with backoff while the database is unreachable; the sockets keep
         buffering meanwhile, so nothing routed in the meantime is lost.
         """
         pending = [s for s in subs if s.is_open]
         backoff = Backoff(initial=0.2, maximum=5.0)
         while pending:
-            tick_before = self._tick
-            generation = self._generation
-            low = min(s.sent_seq for s in pending)
-            try:
-                rows = await self.store.messages_after(dialog_id, low, REPLAY_PAGE)
-            except Exception as exc:
-                if not self.store.is_unavailable(exc):
-                    log.exception("catch-up of dialog %d failed; closing its sockets", dialog_id)
-                    for sub in pending:
-                        sub.close(1011, "internal error, resume with since")
-                    return
-                log.warning("catch-up of dialog %d waits for the database (%s)", dialog_id, exc)
-                await asyncio.sleep(backoff.next())
-                pending = [s for s in pending if s.is_open]
-                continue
-            backoff.reset()
+            if first is not None:
+                (mark, rows), first = first, None
+                tick_before, generation = mark.tick, mark.generation
+            else:
+                tick_before = self._tick
+                generation = self._generation
+                try:
+                    rows = await self.store.messages_after(
+                        dialog_id, min(s.sent_seq for s in pending), REPLAY_PAGE
+                    )
+                except Exception as exc:
+                    if not self.store.is_unavailable(exc):
+                        log.exception(
+                            "catch-up of dialog %d failed; closing its sockets", dialog_id
+                        )
+                        for sub in pending:
+                            sub.close(CloseCode.INTERNAL_ERROR, "internal error, resume with since")
+                        return
+                    log.warning(
+                        "catch-up of dialog %d waits for the database (%s)", dialog_id, exc
+                    )
+                    await asyncio.sleep(backoff.next())
+                    pending = [s for s in pending if s.is_open]
+                    continue
+                backoff.reset()
             queued = 0
             for seq, payload in rows:
                 frame = text_frame(payload)

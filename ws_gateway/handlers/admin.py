@@ -6,17 +6,23 @@ from replyx import security
 from replyx.protocol import CloseCode, SocketKind
 from replyx.web import bearer
 from ws_gateway.handlers.base import DialogSocket, Refused
+from ws_gateway.router import REPLAY_PAGE
+from ws_gateway.store import Opening
 
 
 class AdminSocket(DialogSocket):
     kind = SocketKind.ADMIN
 
-    async def authorize(self, dialog_id: int) -> None:
+    async def authorize(self, dialog_id: int, since: int | None) -> Opening:
         token = self.get_query_argument("token", None) or bearer(self.request.headers)
         try:
             claims = security.verify_operator_token(token, self.parts.jwt_secret)
         except security.InvalidTokenError:
             raise Refused(CloseCode.UNAUTHORIZED, "missing, invalid or expired token") from None
-        if not await self.parts.store.admin_dialog(dialog_id, claims.user_id):
+        opening = await self.parts.store.admin_opening(
+            dialog_id, claims.user_id, since, REPLAY_PAGE
+        )
+        if opening is None:
             raise Refused(CloseCode.NOT_FOUND, "dialog not found", f"user_id={claims.user_id}")
         self.expire_at(claims.expires_at)
+        return opening

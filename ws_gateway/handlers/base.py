@@ -21,6 +21,7 @@ from replyx.logs import RedactedRequestLogging
 from replyx.protocol import CloseCode, SocketKind, non_negative_int, positive_id
 from ws_gateway.frames import PONG_FRAME
 from ws_gateway.parts import Parts
+from ws_gateway.store import Opening
 from ws_gateway.transport import FrameLimitedProtocol, Transport
 
 log = logging.getLogger("ws_gateway.sockets")
@@ -76,15 +77,19 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             return protocol
         return FrameLimitedProtocol(self, protocol.params, self.allow_frame)
 
-    async def authorize(self, dialog_id: int) -> None:
-        """Raise :class:`Refused` unless this request may read ``dialog_id``."""
+    async def authorize(self, dialog_id: int, since: int | None) -> Opening:
+        """Raise :class:`Refused` unless this request may read ``dialog_id``.
+
+        One query (one round trip) authorises the socket and returns its opening:
+        the dialog's last seq and the first replay page after ``since``.
+        """
         raise NotImplementedError
 
     async def open(self, raw_id: str) -> None:
         parts = self.parts
         assert self.ws_connection is not None and self.ws_connection.stream is not None
         settings = parts.settings
-        self.transport = Transport(
+        self.transport = transport = Transport(
             self, self.ws_connection.stream, parts.stats,
             buffer_limit=settings.socket_buffer_limit, slow_grace=settings.slow_close_grace,
         )
@@ -99,6 +104,7 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             parts.stats.refused[str(CloseCode.POLICY)] += 1
             self._close(CloseCode.POLICY, "too many connections from this address")
             return
+        router = parts.router
         since: int | None = None
         try:
             # Tornado reads no client frame (pongs included) until open() returns: bound the
@@ -106,33 +112,42 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             async with asyncio.timeout(settings.join_timeout):
                 self.dialog_id = parse_dialog_id(raw_id)
                 since = self._since()
-                await self.authorize(self.dialog_id)
-                if since is not None and since > await parts.store.last_seq(self.dialog_id):
+                # Register, then query: whatever commits after the query's snapshot is
+                # routed into this socket's buffer (see Router.register).
+                mark = router.register(self)
+                opening = await self.authorize(self.dialog_id, since)
+                if since is not None and since > opening.last_seq:
                     # Seqs only ever grow: this client's state is from another database.
                     raise Refused(CloseCode.BAD_REQUEST, "since is ahead of the dialog")
-                if not self.is_open:
-                    return
-                self.transport.limit()
+                if self._gone():
+                    return  # on_close took it out of the router
+                transport.limit()
                 self._joined = True
-                await parts.router.join(self, since)
+                start = opening.last_seq if since is None else since
+                await router.join(self, mark, start, opening.page)
         except Refused as refusal:
+            router.remove(self)
             self._refuse(refusal)
             return
         except Exception as exc:
-            parts.router.remove(self)
+            router.remove(self)
             if not (isinstance(exc, TimeoutError) or parts.store.is_unavailable(exc)):
                 raise
             self._refuse(Refused(CloseCode.TRY_AGAIN, "database unavailable, try again"))
             return
-        if not self.is_open:
+        if self._gone():
             # The client left while we were replaying.
-            parts.router.remove(self)
+            router.remove(self)
             return
         log.info(
             "%s connected dialog_id=%d since=%s last_seq=%d peer=%s",
             self.kind.tag, self.dialog_id, "-" if since is None else since, self.sent_seq,
             self.request.remote_ip,
         )
+
+    def _gone(self) -> bool:
+        """The client left, or we closed, while open() awaited (a method: it changes then)."""
+        return not self.is_open
 
     def _since(self) -> int | None:
         raw = self.get_query_argument("since", None)

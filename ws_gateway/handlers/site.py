@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from replyx.protocol import CloseCode, SocketKind
 from ws_gateway.handlers.base import DialogSocket, Refused
+from ws_gateway.router import REPLAY_PAGE
+from ws_gateway.store import Opening
 
 
 class SiteSocket(DialogSocket):
     kind = SocketKind.SITE
 
-    async def authorize(self, dialog_id: int) -> None:
+    async def authorize(self, dialog_id: int, since: int | None) -> Opening:
         token = self.get_query_argument("site_token", None)
         if not token:
             raise Refused(CloseCode.UNAUTHORIZED, "site_token is required")
-        valid, owned = await self.parts.store.site_dialog(token, dialog_id)
+        valid, opening = await self.parts.store.site_opening(token, dialog_id, since, REPLAY_PAGE)
         if not valid:
             raise Refused(CloseCode.UNAUTHORIZED, "invalid site token")
-        if not owned:
+        if opening is None:
             raise Refused(CloseCode.NOT_FOUND, "dialog not found")
+        return opening

@@ -10,19 +10,22 @@ from __future__ import annotations
 from replyx.origins import effective_origin, origin_allowed
 from replyx.protocol import CloseCode, SocketKind
 from ws_gateway.handlers.base import DialogSocket, Refused
+from ws_gateway.router import REPLAY_PAGE
+from ws_gateway.store import Opening
 
 
 class WidgetSocket(DialogSocket):
     kind = SocketKind.WIDGET
 
-    async def authorize(self, dialog_id: int) -> None:
+    async def authorize(self, dialog_id: int, since: int | None) -> Opening:
         token = self.get_query_argument("guest_token", None)
         if not token:
             raise Refused(CloseCode.UNAUTHORIZED, "guest_token is required")
-        dialog = await self.parts.store.guest_dialog(token)
+        dialog = await self.parts.store.guest_opening(token, dialog_id, since, REPLAY_PAGE)
         if dialog is None:
             raise Refused(CloseCode.UNAUTHORIZED, "invalid guest token")
-        if dialog.dialog_id != dialog_id or not self._assistant_matches(dialog.assistant_id):
+        opening = dialog.opening
+        if opening is None or not self._assistant_matches(dialog.assistant_id):
             raise Refused(CloseCode.NOT_FOUND, "dialog not found")
         origin = self.request.headers.get("Origin")
         parent_origin = self.get_query_argument("parent_origin", None)
@@ -35,6 +38,7 @@ class WidgetSocket(DialogSocket):
                 f"assistant_id={dialog.assistant_id} origin={(origin or '-')[:200]}"
                 f" checked={checked or '-'}",
             )
+        return opening
 
     def _assistant_matches(self, assistant_id: int) -> bool:
         raw = self.get_query_argument("assistant_id", None)
