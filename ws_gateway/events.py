@@ -1,11 +1,11 @@
 """NOTIFY payloads in, parsed and validated events out.
 
-Invariant: an :class:`Event` that leaves :func:`parse_event` names a valid
-dialog id (and, for messages, seq and id) and carries bytes fit to send as a
-frame's payload. A ``message`` payload is already the exact frame clients receive (the database
+A ``message`` payload is already the exact frame clients receive (the database
 renders it with ``replyx_message_json``), so the gateway parses it only to read
-the routing keys and forwards the original bytes. Anything that does not look
-like one of our events is rejected with :class:`BadPayloadError`, logged and dropped.
+the routing keys and forwards the original bytes. Invariant: an :class:`Event`
+that leaves :func:`parse_event` has a valid dialog id (and, for a message, seq
+and id) and a payload fit to send as it is; anything that does not look like
+one of our events is rejected with :class:`BadPayloadError`, logged and dropped.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Per-address socket caps and per-socket inbound frame rate limits."""
+"""Per-address socket caps and per-socket inbound frame rate limits.
+
+Invariant: every socket that :meth:`Limiter.acquire` counted is released exactly
+once (its ``on_close``), so an address's count is the number of its open sockets.
+"""
 
 from __future__ import annotations
 

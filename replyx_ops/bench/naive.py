@@ -12,7 +12,6 @@ fan-out loop alone.
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
@@ -22,8 +21,6 @@ from tornado.websocket import WebSocketClosedError
 
 from ws_gateway import __main__ as gateway_main
 from ws_gateway.router import Router, Subscriber
-
-log = logging.getLogger("replyx_ops.bench.naive")
 
 
 def frame_payload(frame: bytes) -> bytes:
@@ -46,6 +43,8 @@ class NaiveRouter(Router):
                 # is not what is being compared.
                 continue
             try:
+                # The gateway's sockets are Tornado handlers; Tornado's own per-socket write
+                # path (encode, frame, Future) is exactly what is being compared.
                 sub.write_message(message)  # type: ignore[attr-defined]
             except (WebSocketClosedError, StreamBufferFullError):
                 continue

@@ -1,8 +1,15 @@
-"""The socket all three endpoints share: authorise, join the router, write frames, close.
+"""The handshake all three dialog sockets share: authorise, join the router, log, close.
 
 Authorisation runs after the handshake (``check_origin`` lets everything
 through) so a refusal can carry the contract's close code: 4001 bad token,
-4003 origin, 4004 dialog not found or not yours.
+4003 origin, 4004 dialog not found or not yours, 4400 bad ``since``, 1013 the
+database did not answer within ``join_timeout``.
+
+Invariant: a socket is registered in the router before its one handshake query
+(see ``Router.register``), written to only once authorised, and taken out of
+the router on any refusal or close. Bytes on the wire are
+:mod:`ws_gateway.transport`'s business; holding frames during a routing batch
+is the consumer's (:class:`~ws_gateway.consumer.WriteBatch`).
 """
 
 from __future__ import annotations
@@ -18,13 +25,14 @@ from tornado.ioloop import IOLoop
 
 from replyx.addresses import client_address
 from replyx.logs import RedactedRequestLogging
-from replyx.protocol import CloseCode, SocketKind, non_negative_int, positive_id
+from replyx.protocol import CloseCode, FrameType, SocketKind, non_negative_int, positive_id
 from ws_gateway.frames import PONG_FRAME
 from ws_gateway.parts import Parts
 from ws_gateway.store import Opening
 from ws_gateway.transport import FrameLimitedProtocol, Transport
 
 log = logging.getLogger("ws_gateway.sockets")
+
 
 class Refused(Exception):
     """Refuse a connection with a close code; ``detail`` goes to the log only."""
@@ -50,6 +58,7 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
 
     def initialize(self, parts: Parts) -> None:
         self.parts = parts
+        self._batch = parts.batch
         self.dialog_id = 0
         self.sent_seq = 0
         self.buffer: list[tuple[int, int, bytes]] | None = None
@@ -197,13 +206,13 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         transport = self.transport
         if transport is None:
             return False
-        return self.parts.batch.write(transport, frame)
+        return self._batch.write(transport, frame)
 
     async def drained(self) -> None:
         transport = self.transport
         if transport is None or transport.closing:
             return
-        self.parts.batch.flush_one(transport)
+        self._batch.flush_one(transport)
         await transport.drained()
 
     def _close(self, code: int, reason: str) -> None:
@@ -239,7 +248,7 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             data = orjson.loads(message)
         except orjson.JSONDecodeError:
             return
-        if isinstance(data, dict) and data.get("type") == "ping" and self._joined:
+        if isinstance(data, dict) and data.get("type") == FrameType.PING and self._joined:
             self.write_frame(PONG_FRAME)
 
     def on_close(self) -> None:
