@@ -288,33 +288,15 @@ class Router:
         buffering meanwhile, so nothing routed in the meantime is lost.
         """
         pending = [s for s in subs if s.is_open]
-        backoff = Backoff(initial=0.2, maximum=5.0)
         while pending:
             if first is not None:
                 (mark, rows), first = first, None
-                tick_before, generation = mark.tick, mark.generation
             else:
-                tick_before = self._tick
-                generation = self._generation
-                try:
-                    rows = await self.store.messages_after(
-                        dialog_id, min(s.sent_seq for s in pending), REPLAY_PAGE
-                    )
-                except Exception as exc:
-                    if not self.store.is_unavailable(exc):
-                        log.exception(
-                            "catch-up of dialog %d failed; closing its sockets", dialog_id
-                        )
-                        for sub in pending:
-                            sub.close(CloseCode.INTERNAL_ERROR, "internal error, resume with since")
-                        return
-                    log.warning(
-                        "catch-up of dialog %d waits for the database (%s)", dialog_id, exc
-                    )
-                    await asyncio.sleep(backoff.next())
-                    pending = [s for s in pending if s.is_open]
-                    continue
-                backoff.reset()
+                page = await self._next_page(dialog_id, pending)
+                if page is None:
+                    return
+                mark, rows = page
+                pending = [s for s in pending if s.is_open]
             queued = 0
             for seq, payload in rows:
                 frame = text_frame(payload)
@@ -333,7 +315,7 @@ class Router:
                 # A long history: let the sockets drain before the next page.
                 pending = await self._drained(pending)
                 continue
-            if self._generation != generation:
+            if self._generation != mark.generation:
                 # Notifications may have been lost after this query's snapshot: query again.
                 pending = [s for s in pending if s.is_open]
                 continue
@@ -343,13 +325,41 @@ class Router:
             for sub in pending:
                 if not sub.is_open:
                     continue
-                if self._drain_buffer(sub, tick_before):
+                if self._drain_buffer(sub, mark.tick):
                     sub.buffer = None
                     if announce:
                         sub.write_frame(ready_frame(dialog_id, sub.sent_seq))
                 else:
                     still.append(sub)
             pending = still
+
+    async def _next_page(
+        self, dialog_id: int, subs: list[Subscriber]
+    ) -> tuple[Mark, list[tuple[int, bytes]]] | None:
+        """The next replay page for ``subs`` and the mark taken before its query began.
+
+        Waits out an unreachable database with backoff; None when every socket has
+        left meanwhile, or after any other error (the sockets are closed with 1011).
+        """
+        backoff = Backoff(initial=0.2, maximum=5.0)
+        while subs:
+            mark = Mark(self._tick, self._generation)
+            try:
+                rows = await self.store.messages_after(
+                    dialog_id, min(s.sent_seq for s in subs), REPLAY_PAGE
+                )
+            except Exception as exc:
+                if not self.store.is_unavailable(exc):
+                    log.exception("catch-up of dialog %d failed; closing its sockets", dialog_id)
+                    for sub in subs:
+                        sub.close(CloseCode.INTERNAL_ERROR, "internal error, resume with since")
+                    return None
+                log.warning("catch-up of dialog %d waits for the database (%s)", dialog_id, exc)
+                await asyncio.sleep(backoff.next())
+                subs = [s for s in subs if s.is_open]
+                continue
+            return mark, rows
+        return None
 
     @staticmethod
     async def _drained(subs: list[Subscriber]) -> list[Subscriber]:
