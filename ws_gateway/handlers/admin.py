@@ -1,4 +1,8 @@
-"""``/ws/dialogs/{id}?token=JWT``: the operator panel."""
+"""``/ws/dialogs/{id}?token=JWT``: the operator panel.
+
+Invariant: an operator reads only dialogs of their assistants ("not yours" and
+"not there" are the same 4004), and never past their JWT's expiry (4001 then).
+"""
 
 from __future__ import annotations
 

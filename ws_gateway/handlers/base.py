@@ -257,7 +257,7 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             self._expiry = None
         self._closing = True
         if self.transport is not None:
-            self.transport.closing = True
+            self.transport.close()
         parts = self.parts
         parts.sockets.discard(self)
         parts.router.remove(self)

@@ -1,4 +1,7 @@
-"""``/ws/site/dialogs/{id}?site_token=T``: a site integration, for its assistant's dialogs."""
+"""``/ws/site/dialogs/{id}?site_token=T``: a site integration, for its assistant's dialogs.
+
+Invariant: a site token reads only the dialogs of its own assistant (4004 otherwise).
+"""
 
 from __future__ import annotations
 

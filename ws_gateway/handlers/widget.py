@@ -1,8 +1,8 @@
 """``/ws/widget/dialogs/{id}?assistant_id=A&guest_token=G[&parent_origin=O]``: the site widget.
 
-The guest token names its dialog; ``assistant_id`` is only cross-checked, never
-trusted alone. The page origin (``Origin``, or ``parent_origin`` inside our own
-iframe) must be one of the assistant's domains.
+Invariant: the guest token names its dialog; ``assistant_id`` is only
+cross-checked, never trusted alone. The page origin (``Origin``, or
+``parent_origin`` inside our own iframe) must be one of the assistant's domains.
 """
 
 from __future__ import annotations
