@@ -65,7 +65,8 @@ async def authenticate(session: AsyncSession, email: str, password: str) -> int 
     await session.rollback()
     # scrypt takes ~50 ms of CPU and releases the GIL: off the event loop, other requests go on.
     if await asyncio.to_thread(security.verify_password, password, stored) and row is not None:
-        return row.id
+        user_id: int = row.id
+        return user_id
     return None
 
 
@@ -211,7 +212,9 @@ async def operator_dialog(session: AsyncSession, user_id: int, dialog_id: int) -
     )
 
 
-async def operator_dialogs(session: AsyncSession, user_id: int, limit: int = 500) -> list[dict]:
+async def operator_dialogs(
+    session: AsyncSession, user_id: int, limit: int = 500
+) -> list[dict[str, object]]:
     rows = await session.execute(
         select(Dialog.id, Dialog.assistant_id, Dialog.channel, Dialog.last_seq, Dialog.created_at)
         .join(Assistant, Assistant.id == Dialog.assistant_id)
