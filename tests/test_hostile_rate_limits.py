@@ -121,6 +121,27 @@ async def test_guest_writes_are_limited_per_guest_token_whatever_the_address(
 
 
 @pytest.mark.gen_test(timeout=60)
+async def test_refused_origins_count_too_so_their_log_lines_are_limited(
+    two_workers: tuple[Api, Api], tenant: Tenant, caplog: pytest.LogCaptureFixture
+) -> None:
+    one, two = two_workers
+    created = await new_widget_dialog(one, tenant, fresh_address())
+    path = f"/api/widget/dialogs/{created.body['dialog_id']}/messages"
+    address = fresh_address()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="backend.widget"):
+        # A foreign origin, and one that is no origin at all (refused before any query).
+        codes = [(await api.request("POST", path, {"text": "x"},
+                                    token=created.body["guest_token"],
+                                    headers={"Origin": origin, "X-Real-IP": address})).code
+                 for api, origin in zip((one, two, one, two, one, two),
+                                        ["https://evil.example", "null"] * 3, strict=True)]
+    assert codes == [403] * 4 + [429] * 2
+    refusals = [r for r in caplog.records if "WEBSOCKET_4003_ERROR" in r.getMessage()]
+    assert len(refusals) == 4
+
+
+@pytest.mark.gen_test(timeout=60)
 async def test_widget_and_site_writes_are_limited_per_address(
     two_workers: tuple[Api, Api], tenant: Tenant, sql: psycopg.Connection[Any]
 ) -> None:

@@ -60,11 +60,16 @@ class WidgetHandler(ApiHandler):
                     what, clip(origin or "-"), clip(effective or "-"))
         return ApiError(403, "origin not allowed for this assistant")
 
-    def guest(self, parent_origin: str | None) -> store.Principal:
-        """The guest token's principal, with the page origin its dialog must allow."""
+    async def guest(self, parent_origin: str | None) -> store.Principal:
+        """The guest token's principal, with the page origin its dialog must allow.
+
+        The request is counted (per address, per guest token) before its origin is
+        judged, so refusals, and their log lines, cannot outpace the limits.
+        """
         token = self.credential("guest_token")
         if not token:
             raise ApiError(401, "guest_token is required")
+        await self.limit(self.write_buckets(store.Principal.guest(token)))
         self.claimed_parent = parent_origin
         origin = self.request.headers.get("Origin")
         if origin is None:
@@ -127,8 +132,7 @@ class WidgetMessagesHandler(WidgetHandler):
         body = self.json_body()
         parent_origin = (self.field_str(body, "parent_origin", required=False, max_chars=300)
                          or self.parent_origin())
-        principal = self.guest(parent_origin)
-        await self.limit(self.write_buckets(principal))
+        principal = await self.guest(parent_origin)
         text = self.message_text(body)
         self.allow_cors_if_written(principal)
         await self.post_message(principal, raw_id, "visitor", text)
@@ -136,7 +140,6 @@ class WidgetMessagesHandler(WidgetHandler):
 
 class WidgetTypingHandler(WidgetHandler):
     async def post(self, raw_id: str) -> None:
-        principal = self.guest(self.parent_origin())
-        await self.limit(self.write_buckets(principal))
+        principal = await self.guest(self.parent_origin())
         self.allow_cors_if_written(principal)
         await self.post_typing(principal, raw_id, "visitor")
