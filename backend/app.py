@@ -7,7 +7,7 @@ engine (and its pool) belongs to one worker's event loop.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import tornado.web
@@ -72,7 +72,9 @@ def build_application(
     )
 
 
-def _log_and_count(routes: list[tuple[str, type]]) -> Callable[[tornado.web.RequestHandler], None]:
+def _log_and_count(
+    routes: Sequence[tuple[str, type]],
+) -> Callable[[tornado.web.RequestHandler], None]:
     """Tornado's ``log_function``: the redacted access line, then the request metrics.
 
     Requests are labelled with their route pattern (``/api/dialogs/{id}/messages``),

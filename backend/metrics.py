@@ -68,5 +68,7 @@ def exposition(multiprocess_dir: Path | None) -> bytes:
     if multiprocess_dir is None:
         return generate_latest(REGISTRY)
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(multiprocess_dir))
+    # prometheus-client (0.26) leaves MultiProcessCollector.__init__ unannotated.
+    multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+        registry, path=str(multiprocess_dir))
     return generate_latest(registry)

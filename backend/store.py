@@ -65,7 +65,8 @@ async def authenticate(session: AsyncSession, email: str, password: str) -> int 
     await session.rollback()
     # scrypt takes ~50 ms of CPU and releases the GIL: off the event loop, other requests go on.
     if await asyncio.to_thread(security.verify_password, password, stored) and row is not None:
-        return row.id
+        user_id: int = row.id
+        return user_id
     return None
 
 
@@ -117,6 +118,62 @@ async def release_login_attempt(session: AsyncSession, address: str) -> None:
     await session.commit()
 
 
+@dataclass(frozen=True)
+class Bucket:
+    """One rate limit as it applies to one caller: ``key`` names both (``guest:<hash>``)."""
+
+    key: str
+    rate: float
+    burst: int
+
+
+# What a bucket holds now: what was left, plus what flowed in since, up to the burst.
+# now() is the transaction's start, which may precede a concurrent writer's updated_at.
+_REFILLED = ("least(EXCLUDED.burst, b.tokens"
+             " + EXCLUDED.rate * greatest(0, extract(epoch FROM now() - b.updated_at)))")
+# Take one token from each bucket, creating full ones as needed, in one statement. The SET
+# expressions all see the row as it was; a request that finds a bucket empty takes nothing.
+_TAKE_TOKENS = text(
+    """
+    INSERT INTO rate_limits AS b (key, tokens, rate, burst, refused, updated_at)
+    SELECT key, burst - 1, rate, burst, false, now()
+    FROM unnest(CAST(:keys AS text[]), CAST(:rates AS float8[]), CAST(:bursts AS float8[]))
+         AS x(key, rate, burst)
+    ON CONFLICT (key) DO UPDATE SET
+        tokens = CASE WHEN REFILLED >= 1 THEN REFILLED - 1 ELSE REFILLED END,
+        refused = REFILLED < 1,
+        rate = EXCLUDED.rate,
+        burst = EXCLUDED.burst,
+        updated_at = now()
+    RETURNING refused, (1 - tokens) / rate AS wait, xmax = 0 AS created
+    """.replace("REFILLED", _REFILLED)
+)
+_FORGET_FULL_BUCKETS = text(
+    "DELETE FROM rate_limits WHERE updated_at < now() - make_interval(secs => :idle)"
+)
+
+
+async def take_tokens(db: Database, buckets: list[Bucket], forget_after: float) -> float | None:
+    """Count one request against every bucket; the seconds to wait if any of them is empty.
+
+    One statement and one commit, whatever the number of buckets, on a connection of
+    its own: a refused request is counted even when the work it asked for never runs.
+    ``forget_after``: seconds after which any idle bucket is full again (the longest refill).
+    """
+    if not buckets:
+        return None
+    params = {"keys": [b.key for b in buckets], "rates": [float(b.rate) for b in buckets],
+              "bursts": [float(b.burst) for b in buckets]}
+    async with db.engine.begin() as conn:
+        rows = (await conn.execute(_TAKE_TOKENS, params)).all()
+        if any(row.created for row in rows):
+            # A new bucket: a good moment to drop those idle long enough to be full again
+            # (a full bucket and no row mean the same).
+            await conn.execute(_FORGET_FULL_BUCKETS, {"idle": float(forget_after)})
+    waits = [float(row.wait) for row in rows if row.refused]
+    return max(max(waits), 1.0) if waits else None
+
+
 async def user_exists(session: AsyncSession, user_id: int) -> bool:
     return bool(await session.scalar(select(exists().where(User.id == user_id))))
 
@@ -155,7 +212,9 @@ async def operator_dialog(session: AsyncSession, user_id: int, dialog_id: int) -
     )
 
 
-async def operator_dialogs(session: AsyncSession, user_id: int, limit: int = 500) -> list[dict]:
+async def operator_dialogs(
+    session: AsyncSession, user_id: int, limit: int = 500
+) -> list[dict[str, object]]:
     rows = await session.execute(
         select(Dialog.id, Dialog.assistant_id, Dialog.channel, Dialog.last_seq, Dialog.created_at)
         .join(Assistant, Assistant.id == Dialog.assistant_id)
@@ -197,6 +256,9 @@ class Principal:
 
     kind: Literal["operator", "site", "guest"]
     value: int | str
+    #: guests only: the page origin the widget rule checks (``None``: the caller sent no
+    #: ``Origin``, so it is no browser, and a client that is not could write any).
+    origin: str | None = None
 
     @classmethod
     def operator(cls, user_id: int) -> Principal:
@@ -207,8 +269,15 @@ class Principal:
         return cls("site", security.token_hash(site_token))
 
     @classmethod
-    def guest(cls, guest_token: str) -> Principal:
-        return cls("guest", security.token_hash(guest_token))
+    def guest(cls, guest_token: str, origin: str | None = None) -> Principal:
+        return cls("guest", security.token_hash(guest_token), origin)
+
+    def params(self, dialog_id: int) -> dict[str, object]:
+        """The bind parameters of :data:`_THEIR_DIALOG` for this principal."""
+        values: dict[str, object] = {"dialog_id": dialog_id, "principal": self.value}
+        if self.kind == "guest":
+            values["origin"] = self.origin
+        return values
 
 
 # "Dialog :dialog_id, if it is the principal's", for each kind of principal. Authorising
@@ -218,7 +287,10 @@ _THEIR_DIALOG = {
                 " WHERE d.id = :dialog_id AND a.user_id = :principal",
     "site": "FROM dialogs d JOIN assistants a ON a.id = d.assistant_id"
             " WHERE d.id = :dialog_id AND a.site_token_hash = :principal",
-    "guest": "FROM dialogs d WHERE d.id = :dialog_id AND d.guest_token_hash = :principal",
+    # The widget's origin rule too: the page must be on one of the assistant's domains.
+    "guest": "FROM dialogs d JOIN assistants a ON a.id = d.assistant_id"
+             " WHERE d.id = :dialog_id AND d.guest_token_hash = :principal"
+             " AND (CAST(:origin AS text) IS NULL OR a.domains @> ARRAY[CAST(:origin AS text)])",
 }
 _POST_MESSAGE = {
     kind: text(
@@ -250,19 +322,18 @@ async def post_message(
     The database assigns ``seq`` and sends the NOTIFY when this commits.
     """
     async with db.engine.begin() as conn:
-        return await conn.scalar(
+        rendered: str | None = await conn.scalar(
             _POST_MESSAGE[principal.kind],
-            {"dialog_id": dialog_id, "principal": principal.value, "sender": sender,
-             "text": body},
+            {**principal.params(dialog_id), "sender": sender, "text": body},
         )
+        return rendered
 
 
 async def send_typing(db: Database, principal: Principal, dialog_id: int, sender: str) -> bool:
     """An ephemeral event: sent through NOTIFY on commit, never stored. False: not theirs."""
     async with db.engine.begin() as conn:
         result = await conn.execute(
-            _SEND_TYPING[principal.kind],
-            {"dialog_id": dialog_id, "principal": principal.value, "sender": sender},
+            _SEND_TYPING[principal.kind], {**principal.params(dialog_id), "sender": sender}
         )
         return result.first() is not None
 
@@ -274,6 +345,30 @@ async def principal_exists(db: Database, principal: Principal) -> bool:
         return True
     async with db.engine.connect() as conn:
         return await conn.scalar(query, {"principal": principal.value}) is not None
+
+
+async def guest_dialog_domains(
+    db: Database, principal: Principal, dialog_id: int
+) -> list[str] | None:
+    """The domains of the guest's dialog's assistant; ``None`` when the dialog is not theirs."""
+    async with db.engine.connect() as conn:
+        domains: list[str] | None = await conn.scalar(
+            text("SELECT a.domains FROM dialogs d JOIN assistants a ON a.id = d.assistant_id"
+                 " WHERE d.id = :dialog_id AND d.guest_token_hash = :principal"),
+            {"dialog_id": dialog_id, "principal": principal.value},
+        )
+    return domains
+
+
+async def origin_registered(db: Database, origin: str) -> bool:
+    """Whether ``origin`` is a domain of any assistant (a CORS preflight names no assistant)."""
+    async with db.engine.connect() as conn:
+        found = await conn.scalar(
+            text("SELECT EXISTS (SELECT 1 FROM assistants"
+                 " WHERE domains @> ARRAY[CAST(:origin AS text)])"),
+            {"origin": origin},
+        )
+    return bool(found)
 
 
 async def messages_since(

@@ -12,7 +12,7 @@ import re
 import sys
 from types import TracebackType
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tornado.log import app_log, gen_log
 from tornado.web import HTTPError
@@ -29,11 +29,34 @@ access_log = logging.getLogger("replyx.access")
 _QUERY_VALUE = re.compile(r"([?&][^=&\s#\"']{1,64}=)[^&\s#\"']*")
 
 
+# Our credentials by their shape, whole or in part: site and guest tokens, and JWTs
+# (base64url of '{"'). The last line of defence for text that quotes a request.
+_SECRET_SHAPES = re.compile(r"rx[sg]_[A-Za-z0-9_-]+|eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}")
+#: The most characters of a client-chosen value (an Origin, a path) a log line quotes.
+CLIP_CHARS = 120
+
+
+def redact_secrets(text: str) -> str:
+    """Replace anything shaped like one of our credentials (or a piece of one) with ``…``."""
+    if "rx" not in text and "eyJ" not in text:
+        return text
+    return _SECRET_SHAPES.sub(lambda m: m.group(0)[:4] + "…", text)
+
+
+def clip(value: str, limit: int = CLIP_CHARS) -> str:
+    """A client-chosen value as a log line may quote it: short, no credentials, one line."""
+    text = redact_secrets(value)
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    if len(text) > limit:
+        return f"{text[:limit]}…({len(value)} chars)"
+    return text
+
+
 def redact_query_values(text: str) -> str:
     """``GET /ws/dialogs/5?token=abc&since=3 (1.2.3.4)`` → ``… ?token=…&since=… (1.2.3.4)``."""
     if "=" not in text:
-        return text
-    return _QUERY_VALUE.sub(r"\1…", text)
+        return redact_secrets(text)
+    return redact_secrets(_QUERY_VALUE.sub(r"\1…", text))
 
 
 class RedactQueries(logging.Filter):
@@ -42,11 +65,12 @@ class RedactQueries(logging.Filter):
     put their tokens. Those records are rewritten; ours never carry a query string."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("tornado"):
-            message = record.getMessage()
-            redacted = redact_query_values(message)
-            if redacted != message:
-                record.msg, record.args = redacted, None
+        message = record.getMessage()
+        # Tornado's lines quote raw URIs; any line may quote a credential some other way.
+        redacted = (redact_query_values(message) if record.name.startswith("tornado")
+                    else redact_secrets(message))
+        if redacted != message:
+            record.msg, record.args = redacted, None
         return True
 
 
@@ -64,12 +88,33 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def redact_uri(uri: str) -> str:
-    """``/ws/dialogs/5?token=abc&since=3`` → ``/ws/dialogs/5?token=…&since=…``."""
+    """``/ws/dialogs/5?token=abc&since=3`` → ``/ws/dialogs/5?token=…&since=…``.
+
+    The path is read as the server routes it, percent-decoded: a ``%3F`` there
+    (``/ws/site/dialogs/3%3Fsite_token%3D…``) starts a query as far as the log is
+    concerned, so what follows it is redacted like one. What remains is clipped,
+    and anything shaped like a credential is masked wherever it stands.
+    """
     parts = urlsplit(uri)
-    if not parts.query:
-        return parts.path
-    names = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)]
-    return parts.path + "?" + "&".join(f"{name[:40]}=…" for name in names[:20])
+    path, hidden_query = _split_encoded_query(parts.path)
+    queries = [q for q in (hidden_query, parts.query) if q]
+    if not queries:
+        return clip(path)
+    names = [name for query in queries
+             for name, _ in parse_qsl(query, keep_blank_values=True)]
+    shown = "&".join(f"{redact_secrets(name[:40])}=…" for name in names[:20])
+    return f"{clip(path)}?{shown}"
+
+
+def _split_encoded_query(path: str) -> tuple[str, str]:
+    """The decoded path up to its first ``?`` or ``#``, and what follows (a hidden query)."""
+    if "%" not in path:
+        return path, ""
+    decoded = unquote(path, errors="replace")
+    cut = min((i for i in (decoded.find("?"), decoded.find("#")) if i >= 0), default=-1)
+    if cut < 0:
+        return decoded, ""
+    return decoded[:cut], decoded[cut + 1:]
 
 
 def log_request(handler: RequestHandler) -> None:
@@ -95,6 +140,26 @@ def log_request(handler: RequestHandler) -> None:
     )
 
 
+_NAME = re.compile(r"[A-Za-z_]{1,40}")
+
+
+def http_error_text(error: HTTPError) -> str:
+    """An ``HTTPError``'s message without the client's values it quotes.
+
+    Tornado formats the offending value into some (``Invalid unicode in site_token:
+    b'rxs_…'``, the first 40 bytes of a credential); only plain names survive here.
+    """
+    template = error.log_message or ""
+    if not error.args:
+        return redact_secrets(template)
+    shown = tuple(arg if isinstance(arg, str) and _NAME.fullmatch(arg) else "…"
+                  for arg in error.args)
+    try:
+        return redact_secrets(template % shown)
+    except (TypeError, ValueError):
+        return redact_secrets(template)
+
+
 class RedactedRequestLogging:
     """Mixin for Tornado handlers: error log lines name the request without query values.
 
@@ -116,7 +181,7 @@ class RedactedRequestLogging:
         tb: TracebackType | None,
     ) -> None:
         if isinstance(value, HTTPError):
-            message = value.get_message()
+            message = http_error_text(value)
             if message:
                 gen_log.warning("%d %s: %s", value.status_code, self._request_summary(), message)
             return

@@ -1,10 +1,11 @@
 """Credentials: operator JWTs, opaque site and guest tokens, password hashes.
 
 Operator JWTs are HS256 only: the algorithm is pinned on verification, never
-taken from the token's header, and ``exp``, ``iss``, ``aud`` and ``sub`` are
-required. Site and guest tokens are random strings shown once; the database
-keeps only their SHA-256 (they carry 256 bits of entropy, so a fast hash is
-enough). Passwords use scrypt, which is memory-hard.
+taken from the token's header; ``exp``, ``iat``, ``iss``, ``aud`` and ``sub``
+are required, ``exp`` and ``iat`` must be integers, ``iat`` not in the future and
+the lifetime bounded (:func:`verify_operator_token`). Site and guest tokens are
+random strings shown once; the database keeps only their SHA-256 (they carry 256
+bits of entropy, so a fast hash is enough). Passwords use scrypt, which is memory-hard.
 """
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import jwt
 
 JWT_ALGORITHM = "HS256"
 JWT_ISSUER = "replyx"
 JWT_AUDIENCE = "replyx-operator"
+#: The longest an operator token may live (``exp - iat``), unless the caller says otherwise
+#: (the backend passes ``REPLYX_JWT_MAX_LIFETIME``).
+DEFAULT_MAX_LIFETIME = 7 * 24 * 3600
+#: Clocks of the issuing and the checking host may disagree by this much (seconds).
+CLOCK_SKEW = 30
 
 # Prefixes make leaked tokens easy to recognise (and to grep for in logs).
 SITE_TOKEN_PREFIX = "rxs_"  # noqa: S105
@@ -54,7 +61,17 @@ def issue_operator_token(user_id: int, secret: bytes, ttl_seconds: int) -> str:
     return jwt.encode(claims, secret, algorithm=JWT_ALGORITHM)
 
 
-def verify_operator_token(token: str | None, secret: bytes) -> OperatorClaims:
+def verify_operator_token(
+    token: str | None, secret: bytes, *, max_lifetime: float = DEFAULT_MAX_LIFETIME,
+    now: float | None = None,
+) -> OperatorClaims:
+    """The claims of a valid operator token, else :class:`InvalidTokenError`.
+
+    A good signature is not enough: ``sub`` must be a user id in a string, ``iat``
+    and ``exp`` integers (JSON numbers, never strings or booleans), ``iat`` not in
+    the future, and the token may not live longer than ``max_lifetime`` seconds,
+    so a key that leaked once cannot mint tokens that outlive its rotation.
+    """
     if not token:
         raise InvalidTokenError("no token")
     try:
@@ -64,15 +81,28 @@ def verify_operator_token(token: str | None, secret: bytes) -> OperatorClaims:
             algorithms=[JWT_ALGORITHM],
             audience=JWT_AUDIENCE,
             issuer=JWT_ISSUER,
-            options={"require": ["exp", "iss", "aud", "sub"]},
+            # iat is checked below, with room for clock skew between hosts.
+            options={"require": ["exp", "iat", "iss", "aud", "sub"], "verify_iat": False},
         )
-        user_id = int(claims["sub"])
-        expires_at = float(claims["exp"])
     except (jwt.InvalidTokenError, ValueError, TypeError, KeyError, OverflowError):
         raise InvalidTokenError("invalid token") from None
+    sub, issued, expires = claims.get("sub"), claims.get("iat"), claims.get("exp")
+    if not (isinstance(sub, str) and sub.isascii() and sub.isdigit() and len(sub) <= 19):
+        raise InvalidTokenError("invalid token")
+    if not _is_int(issued) or not _is_int(expires):
+        raise InvalidTokenError("invalid token")
+    current = time.time() if now is None else now
+    if issued > current + CLOCK_SKEW or expires - issued > max_lifetime or expires <= issued:
+        raise InvalidTokenError("invalid token")
+    user_id = int(sub)
     if user_id <= 0 or user_id >= 2**63:
         raise InvalidTokenError("invalid token")
-    return OperatorClaims(user_id=user_id, expires_at=expires_at)
+    return OperatorClaims(user_id=user_id, expires_at=float(expires))
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    # bool is an int to Python, not to JSON.
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def new_site_token() -> str:

@@ -147,6 +147,7 @@ _LOGS = "Logs"
 _LIMITS = "Gateway: limits per client"
 _GATEWAY = "Gateway: the LISTEN connection and shutdown"
 _BACKEND = "Backend"
+_ANONYMOUS = "Backend: limits for callers without an operator login (kept in Postgres)"
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,10 @@ class Settings:
     jwt_ttl_seconds: int = setting("REPLYX_JWT_TTL", 12 * 3600, _count,
                                    "Lifetime of issued operator tokens, in seconds.",
                                    section=_SECURITY)
+    jwt_max_lifetime: int = setting(
+        "REPLYX_JWT_MAX_LIFETIME", 7 * 24 * 3600, _count,
+        "Operator tokens whose exp - iat is longer than this (seconds), or whose iat is in the"
+        " future, are refused however they are signed.", section=_SECURITY)
     widget_origin: str | None = setting(
         "REPLYX_WIDGET_ORIGIN", None, _origin,
         "The origin that serves the widget iframe; only then is ?parent_origin= honoured.",
@@ -255,9 +260,35 @@ class Settings:
     login_window: float = setting("REPLYX_LOGIN_WINDOW", 300.0, _seconds,
                                   "The failed-login window (seconds).", section=_BACKEND)
 
+    widget_dialog_rate: float = setting(
+        "REPLYX_WIDGET_DIALOG_RATE", 0.5, _rate,
+        "Widget dialogs a client address may create per second (burst"
+        " REPLYX_WIDGET_DIALOG_BURST), else 429 with Retry-After. The address is X-Real-IP from"
+        " a loopback nginx (an IPv6 /64 counts as one); a direct caller on this host (replyx"
+        " check, the bench) is not counted per address.", section=_ANONYMOUS)
+    widget_dialog_burst: int = setting("REPLYX_WIDGET_DIALOG_BURST", 30, _count,
+                                       "…and how many at once.", section=_ANONYMOUS)
+    address_write_rate: float = setting(
+        "REPLYX_ADDRESS_WRITE_RATE", 5.0, _rate,
+        "Widget and site message and typing POSTs per second per client address (burst"
+        " REPLYX_ADDRESS_WRITE_BURST), else 429 with Retry-After…", section=_ANONYMOUS)
+    address_write_burst: int = setting("REPLYX_ADDRESS_WRITE_BURST", 200, _count,
+                                       "…and how many at once.", section=_ANONYMOUS)
+    guest_write_rate: float = setting(
+        "REPLYX_GUEST_WRITE_RATE", 1.0, _rate,
+        "Widget message and typing POSTs per second per guest token (burst"
+        " REPLYX_GUEST_WRITE_BURST), else 429 with Retry-After…", section=_ANONYMOUS)
+    guest_write_burst: int = setting("REPLYX_GUEST_WRITE_BURST", 100, _count,
+                                     "…and how many at once.", section=_ANONYMOUS)
+
     def __post_init__(self) -> None:
         # A relative data dir means "under the directory the process started in".
         object.__setattr__(self, "data_dir", self.data_dir.expanduser().absolute())
+        if self.jwt_ttl_seconds > self.jwt_max_lifetime:
+            raise ConfigError(
+                f"REPLYX_JWT_TTL={self.jwt_ttl_seconds} is longer than"
+                f" REPLYX_JWT_MAX_LIFETIME={self.jwt_max_lifetime}: issued tokens would be refused"
+            )
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -179,6 +179,11 @@ class DialogClient:
         headers = {"Origin": self.origin} if self.origin else None
         return HTTPRequest(url, headers=headers, connect_timeout=5, request_timeout=10)
 
+    def _stopped(self) -> bool:
+        # A method, not the attribute: close() may set it while _run awaits, which mypy's
+        # narrowing of ``self._stopping`` inside ``while not self._stopping`` cannot know.
+        return self._stopping
+
     async def _run(self) -> None:
         delay = self.backoff_initial
         while not self._stopping:
@@ -201,7 +206,7 @@ class DialogClient:
             self.close_codes.append(code)
             self._ready.clear()
             self._notify()
-            if self._stopping:
+            if self._stopped():
                 return
             if not self.resume or code in FATAL_CLOSE_CODES:
                 self._closed_for_good = DialogClosedError(code, self._conn.close_reason)

@@ -8,27 +8,50 @@ mean "the database cannot be reached" (503).
 from __future__ import annotations
 
 import logging
+import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 import orjson
 import psycopg
+import tornado.http1connection
+import tornado.httputil
 import tornado.web
 from sqlalchemy import exc as sa_exc
 
 from backend import store
 from backend.db import Database
 from replyx import security
+from replyx.addresses import client_address, is_direct_loopback, limit_key
 from replyx.protocol import MAX_ID, non_negative_int, positive_id
 from replyx.settings import Settings
 from replyx.web import ApiError, JsonHandler
+
+__all__ = ["ApiError", "ApiHandler", "NotFoundHandler", "is_database_unavailable", "parse_id",
+           "worker_id"]
 
 log = logging.getLogger("backend.api")
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_TEXT_CHARS = 32 * 1024
-_PID = str(os.getpid())
+
+# An opaque name for this worker, shown to callers that are not on this host: which worker
+# answered, without handing a PID (or how many processes run here) to the internet.
+_WORKER_NAMES: dict[int, str] = {}
+
+
+def worker_id(request: tornado.httputil.HTTPServerRequest) -> str:
+    """Which worker answers: its PID for a direct caller on this host, else an opaque name."""
+    pid = os.getpid()
+    if is_direct_loopback(request):
+        return str(pid)
+    # Keyed by PID: a name made before a fork must not be shared by the forked workers.
+    name = _WORKER_NAMES.get(pid)
+    if name is None:
+        name = _WORKER_NAMES[pid] = "w-" + secrets.token_hex(4)
+    return name
 
 
 def is_database_unavailable(exc: BaseException) -> bool:
@@ -68,13 +91,15 @@ class ApiHandler(JsonHandler):
     def set_default_headers(self) -> None:
         super().set_default_headers()
         # Which gunicorn worker answered: handy when checking that load spreads.
-        self.set_header("X-Replyx-Worker", _PID)
+        self.set_header("X-Replyx-Worker", worker_id(self.request))
 
     def is_unavailable(self, exc: BaseException) -> bool:
         return is_database_unavailable(exc)
 
     async def prepare(self) -> None:
-        self.request.connection.set_max_body_size(MAX_BODY_BYTES)
+        connection = self.request.connection
+        assert isinstance(connection, tornado.http1connection.HTTP1Connection)
+        connection.set_max_body_size(MAX_BODY_BYTES)
         length = self.request.headers.get("Content-Length")
         if length is not None:
             if not length.isdigit():
@@ -151,7 +176,10 @@ class ApiHandler(JsonHandler):
     def operator_id(self) -> int:
         """The operator's user id from a valid JWT, else 401."""
         try:
-            claims = security.verify_operator_token(self.credential("token"), self._jwt_secret)
+            claims = security.verify_operator_token(
+                self.credential("token"), self._jwt_secret,
+                max_lifetime=self.config.jwt_max_lifetime,
+            )
         except security.InvalidTokenError:
             raise ApiError(401, "missing, invalid or expired operator token") from None
         return claims.user_id
@@ -161,25 +189,66 @@ class ApiHandler(JsonHandler):
             user_id, self._jwt_secret, self.config.jwt_ttl_seconds
         )
 
+    # -- limits for callers without an operator login --------------------------
+
+    def address_key(self) -> str | None:
+        """Whom a per-address limit counts: ``None`` for a direct caller on this host.
+
+        Behind nginx every request carries ``X-Real-IP``; a request without a proxy
+        header from loopback comes from this host (replyx check, the bench, a script),
+        which per-address limits do not protect against.
+        """
+        if is_direct_loopback(self.request):
+            return None
+        return limit_key(client_address(self.request))
+
+    def write_buckets(self, principal: store.Principal | None) -> list[store.Bucket]:
+        """The limits of an anonymous message or typing POST: per address, per guest token."""
+        config = self.config
+        buckets = []
+        address = self.address_key()
+        if address is not None:
+            buckets.append(store.Bucket(f"address-write:{address}", config.address_write_rate,
+                                        config.address_write_burst))
+        if principal is not None and principal.kind == "guest":
+            buckets.append(store.Bucket(f"guest-write:{principal.value}",
+                                        config.guest_write_rate, config.guest_write_burst))
+        return buckets
+
+    async def limit(self, buckets: list[store.Bucket]) -> None:
+        """Count this request against ``buckets``; 429 with ``Retry-After`` when one is empty."""
+        config = self.config
+        # Past the longest refill every idle bucket is full: its row can go.
+        forget_after = max(config.widget_dialog_burst / config.widget_dialog_rate,
+                           config.address_write_burst / config.address_write_rate,
+                           config.guest_write_burst / config.guest_write_rate, 60.0)
+        wait = await store.take_tokens(self.db, buckets, forget_after)
+        if wait is not None:
+            seconds = str(math.ceil(wait))
+            raise ApiError(429, f"too many requests; retry in {seconds} s",
+                           {"Retry-After": seconds})
+
     # -- writing to a dialog ---------------------------------------------------
 
     async def post_message(
         self, principal: store.Principal, raw_id: str, sender: str, text: str
     ) -> None:
         """Store a message in the principal's dialog and answer 201 with it (the frame)."""
-        rendered = await store.post_message(self.db, principal, parse_id(raw_id), sender, text)
+        dialog_id = parse_id(raw_id)
+        rendered = await store.post_message(self.db, principal, dialog_id, sender, text)
         if rendered is None:
-            raise await self.not_theirs(principal)
+            raise await self.not_theirs(principal, dialog_id)
         self.write_json_text(rendered, 201)
 
     async def post_typing(self, principal: store.Principal, raw_id: str, sender: str) -> None:
         """Send an ephemeral typing event to the principal's dialog; answer 204."""
-        if not await store.send_typing(self.db, principal, parse_id(raw_id), sender):
-            raise await self.not_theirs(principal)
+        dialog_id = parse_id(raw_id)
+        if not await store.send_typing(self.db, principal, dialog_id, sender):
+            raise await self.not_theirs(principal, dialog_id)
         self.set_status(204)
         self.finish()
 
-    async def not_theirs(self, principal: store.Principal) -> ApiError:
+    async def not_theirs(self, principal: store.Principal, dialog_id: int) -> ApiError:
         """The refusal for a write that matched no dialog: an unknown token, or not theirs."""
         if not await store.principal_exists(self.db, principal):
             return ApiError(401, f"invalid {principal.kind} token")

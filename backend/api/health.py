@@ -1,13 +1,16 @@
-"""``GET /health``: 200 when the database answers, else 503."""
+"""``GET /health``: 200 when the database answers, else 503.
+
+``worker`` names the worker that answered: its PID for a caller on this host,
+an opaque name through nginx (see :func:`backend.api.base.worker_id`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import os
 
 from sqlalchemy import text
 
-from backend.api.base import ApiHandler, is_database_unavailable
+from backend.api.base import ApiHandler, is_database_unavailable, worker_id
 
 
 class HealthHandler(ApiHandler):
@@ -20,4 +23,4 @@ class HealthHandler(ApiHandler):
                 raise
             self.write_json({"status": "unavailable", "database": "down"}, 503)
             return
-        self.write_json({"status": "ok", "database": "up", "worker": os.getpid()})
+        self.write_json({"status": "ok", "database": "up", "worker": worker_id(self.request)})

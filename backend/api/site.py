@@ -1,4 +1,8 @@
-"""Site-integration endpoints, authorised by the assistant's site token."""
+"""Site-integration endpoints, authorised by the assistant's site token.
+
+Messages and typing events are counted per client address (not per site token:
+the token is the site owner's server credential, like an operator's login).
+"""
 
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ class SiteDialogsHandler(SiteHandler):
 class SiteMessagesHandler(SiteHandler):
     async def post(self, raw_id: str) -> None:
         principal = store.Principal.site(self.site_token())
+        await self.limit(self.write_buckets(principal))
         body = self.json_body()
         text = self.message_text(body)
         sender = self.field_str(body, "sender", required=False) or "visitor"
@@ -42,4 +47,6 @@ class SiteMessagesHandler(SiteHandler):
 
 class SiteTypingHandler(SiteHandler):
     async def post(self, raw_id: str) -> None:
-        await self.post_typing(store.Principal.site(self.site_token()), raw_id, "visitor")
+        principal = store.Principal.site(self.site_token())
+        await self.limit(self.write_buckets(principal))
+        await self.post_typing(principal, raw_id, "visitor")
