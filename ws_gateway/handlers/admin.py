@@ -20,7 +20,9 @@ class AdminSocket(DialogSocket):
     async def authorize(self, dialog_id: int, since: int | None) -> Opening:
         token = self.get_query_argument("token", None) or bearer(self.request.headers)
         try:
-            claims = security.verify_operator_token(token, self.parts.jwt_secret)
+            claims = security.verify_operator_token(
+                token, self.parts.jwt_secret, max_lifetime=self.parts.settings.jwt_max_lifetime
+            )
         except security.InvalidTokenError:
             raise Refused(CloseCode.UNAUTHORIZED, "missing, invalid or expired token") from None
         opening = await self.parts.store.admin_opening(

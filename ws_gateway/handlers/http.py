@@ -30,7 +30,8 @@ class GatewayHandler(JsonHandler):
             return None
         try:
             return security.verify_operator_token(
-                self.credential("token"), self.parts.jwt_secret
+                self.credential("token"), self.parts.jwt_secret,
+                max_lifetime=self.parts.settings.jwt_max_lifetime,
             ).user_id
         except security.InvalidTokenError:
             raise ApiError(401, "an operator token is required") from None
