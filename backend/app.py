@@ -55,12 +55,14 @@ def build_application(
         (r"/api/dialogs", operator.DialogsHandler),
         (rf"/api/dialogs/{ID}/messages", operator.MessagesHandler),
         (rf"/api/dialogs/{ID}/typing", operator.TypingHandler),
+        (rf"/api/dialogs/{ID}/read", operator.ReadHandler),
         (r"/api/site/dialogs", site.SiteDialogsHandler),
         (rf"/api/site/dialogs/{ID}/messages", site.SiteMessagesHandler),
         (rf"/api/site/dialogs/{ID}/typing", site.SiteTypingHandler),
         (r"/api/widget/dialogs", widget.WidgetDialogsHandler),
         (rf"/api/widget/dialogs/{ID}/messages", widget.WidgetMessagesHandler),
         (rf"/api/widget/dialogs/{ID}/typing", widget.WidgetTypingHandler),
+        (rf"/api/widget/dialogs/{ID}/read", widget.WidgetReadHandler),
     ]
     return tornado.web.Application(
         [(pattern, handler, deps) for pattern, handler in routes],

@@ -33,6 +33,17 @@ class Assistant(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=FetchedValue())
 
 
+class AssistantOperator(Base):
+    """Who works on an assistant: its owner (added by a trigger) and its members."""
+
+    __tablename__ = "assistant_operators"
+
+    assistant_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("assistants.id"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id"), primary_key=True)
+
+
 class Dialog(Base):
     __tablename__ = "dialogs"
 

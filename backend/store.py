@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.db import Database
-from backend.models import Assistant, Dialog, User
+from backend.models import Assistant, AssistantOperator, Dialog, User
 from replyx import security
 from replyx.protocol import NOTIFY_CHANNEL
 
@@ -204,34 +204,12 @@ async def assistant_by_site_token(session: AsyncSession, site_token: str) -> Ass
 
 
 async def operator_dialog(session: AsyncSession, user_id: int, dialog_id: int) -> Dialog | None:
-    """The dialog when it belongs to one of the operator's assistants, else ``None``."""
+    """The dialog when the user is an operator of its assistant, else ``None``."""
     return await session.scalar(
         select(Dialog)
-        .join(Assistant, Assistant.id == Dialog.assistant_id)
-        .where(Dialog.id == dialog_id, Assistant.user_id == user_id)
+        .join(AssistantOperator, AssistantOperator.assistant_id == Dialog.assistant_id)
+        .where(Dialog.id == dialog_id, AssistantOperator.user_id == user_id)
     )
-
-
-async def operator_dialogs(
-    session: AsyncSession, user_id: int, limit: int = 500
-) -> list[dict[str, object]]:
-    rows = await session.execute(
-        select(Dialog.id, Dialog.assistant_id, Dialog.channel, Dialog.last_seq, Dialog.created_at)
-        .join(Assistant, Assistant.id == Dialog.assistant_id)
-        .where(Assistant.user_id == user_id)
-        .order_by(Dialog.id.desc())
-        .limit(limit)
-    )
-    return [
-        {
-            "id": row.id,
-            "assistant_id": row.assistant_id,
-            "channel": row.channel,
-            "last_seq": row.last_seq,
-            "created_at": row.created_at.isoformat(),
-        }
-        for row in rows
-    ]
 
 
 async def create_dialog(session: AsyncSession, assistant_id: int, channel: str) -> NewDialog:
@@ -282,9 +260,9 @@ class Principal:
 
 # "Dialog :dialog_id, if it is the principal's", for each kind of principal. Authorising
 # inside the INSERT makes a message one statement and one commit, not three round trips.
-_THEIR_DIALOG = {
-    "operator": "FROM dialogs d JOIN assistants a ON a.id = d.assistant_id"
-                " WHERE d.id = :dialog_id AND a.user_id = :principal",
+THEIR_DIALOG = {
+    "operator": "FROM dialogs d JOIN assistant_operators o ON o.assistant_id = d.assistant_id"
+                " WHERE d.id = :dialog_id AND o.user_id = :principal",
     "site": "FROM dialogs d JOIN assistants a ON a.id = d.assistant_id"
             " WHERE d.id = :dialog_id AND a.site_token_hash = :principal",
     # The widget's origin rule too: the page must be on one of the assistant's domains.
@@ -297,7 +275,7 @@ _POST_MESSAGE = {
         "INSERT INTO messages (dialog_id, sender, text)"
         f" SELECT d.id, :sender, :text {source} RETURNING replyx_message_json(messages)"
     )
-    for kind, source in _THEIR_DIALOG.items()
+    for kind, source in THEIR_DIALOG.items()
 }
 _SEND_TYPING = {
     kind: text(
@@ -305,7 +283,7 @@ _SEND_TYPING = {
         "'type', 'typing', 'dialog_id', d.id, 'sender', CAST(:sender AS text))::text)"
         f" {source}"
     )
-    for kind, source in _THEIR_DIALOG.items()
+    for kind, source in THEIR_DIALOG.items()
 }
 _PRINCIPAL_EXISTS = {
     "site": text("SELECT 1 FROM assistants WHERE site_token_hash = :principal"),

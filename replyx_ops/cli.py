@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from backend import store
+from backend import store, workspace
 from backend.db import Database
 from replyx import logs, schema, security
 from replyx.origins import normalize_origin
@@ -124,6 +124,31 @@ def cmd_create_assistant(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add_operator(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(session: Any) -> bool:
+        if await store.assistant_by_id(session, args.assistant_id) is None:
+            raise CommandError(f"no assistant with id {args.assistant_id}")
+        if not await store.user_exists(session, args.user_id):
+            raise CommandError(f"no user with id {args.user_id}")
+        return await workspace.add_operator(session, args.assistant_id, args.user_id)
+
+    added = with_session(settings, work)
+    emit({"assistant_id": args.assistant_id, "user_id": args.user_id, "added": added})
+    return 0
+
+
+def cmd_remove_operator(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(session: Any) -> None:
+        try:
+            await workspace.remove_operator(session, args.assistant_id, args.user_id)
+        except workspace.NotATeamMemberError as exc:
+            raise CommandError(str(exc)) from None
+
+    with_session(settings, work)
+    emit({"assistant_id": args.assistant_id, "user_id": args.user_id, "removed": True})
+    return 0
+
+
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 
     if not with_session(settings, lambda s: store.user_exists(s, args.user_id)):
@@ -198,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="an allowed widget origin, e.g. https://shop.example (repeatable)",
     )
     p.set_defaults(func=cmd_create_assistant)
+
+    for name, func, what in (("add-operator", cmd_add_operator, "put a user on"),
+                             ("remove-operator", cmd_remove_operator, "take a user off")):
+        p = sub.add_parser(name, help=f"{what} an assistant's team (JSON out)")
+        p.add_argument("--assistant-id", type=_positive_int, required=True)
+        p.add_argument("--user-id", type=_positive_int, required=True)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("token", help="print an operator JWT (for wscat / curl)")
     p.add_argument("--user-id", type=_positive_int, required=True)

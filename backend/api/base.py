@@ -21,7 +21,7 @@ import tornado.httputil
 import tornado.web
 from sqlalchemy import exc as sa_exc
 
-from backend import store
+from backend import store, workspace
 from backend.db import Database
 from replyx import security
 from replyx.addresses import client_address, is_direct_loopback, limit_key
@@ -152,6 +152,28 @@ class ApiHandler(JsonHandler):
         if "\x00" in value:
             raise ApiError(400, f"{name} must not contain NUL characters")
         return value
+
+    def read_seq(self, body: dict[str, Any]) -> int:
+        """``{"seq": N}`` of a read receipt: a non-negative integer."""
+        value = body.get("seq")
+        seq = non_negative_int(value) if isinstance(value, int) else None
+        if seq is None:
+            raise ApiError(400, "seq must be a non-negative integer")
+        return seq
+
+    async def mark_read(
+        self, principal: store.Principal, raw_id: str, side: workspace.Side
+    ) -> None:
+        """Move ``side``'s read seq of the principal's dialog forward; answer with it."""
+        dialog_id = parse_id(raw_id)
+        seq = self.read_seq(self.json_body())
+        try:
+            now = await workspace.mark_read(self.db, principal, dialog_id, side, seq)
+        except workspace.ReadPastEndError:
+            raise ApiError(400, "seq is past the dialog's last message") from None
+        if now is None:
+            raise await self.not_theirs(principal)
+        self.write_json({"dialog_id": dialog_id, "side": side, "seq": now})
 
     def message_text(self, body: dict[str, Any]) -> str:
         text = self.field_str(body, "text", max_chars=MAX_TEXT_CHARS)

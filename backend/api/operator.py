@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backend import store
+from backend import store, workspace
 from backend.api.base import ApiError, ApiHandler, parse_id
 from backend.models import Dialog
 
@@ -21,11 +21,25 @@ class OperatorHandler(ApiHandler):
 
 
 class DialogsHandler(OperatorHandler):
+    """``GET /api/dialogs?before=<activity>&limit=N``: the inbox's older pages."""
+
     async def get(self) -> None:
         user_id = self.operator_id()
+        before = self.query_int("before", 0) or None
+        limit = self.query_int("limit", 100, minimum=1, maximum=MAX_PAGE)
         async with self.db.session() as session:
-            dialogs = await store.operator_dialogs(session, user_id)
-        self.write_json({"dialogs": dialogs})
+            page = await workspace.dialog_page(session, user_id, before, limit)
+        self.finish(b'{"dialogs":[%s],"total":%d,"next_before":%s}' % (
+            ",".join(page.dialogs).encode(), page.total,
+            b"null" if page.next_before is None else str(page.next_before).encode(),
+        ))
+
+
+class ReadHandler(OperatorHandler):
+    """``POST /api/dialogs/{id}/read {"seq"}``: the operators have read up to ``seq``."""
+
+    async def post(self, raw_id: str) -> None:
+        await self.mark_read(store.Principal.operator(self.operator_id()), raw_id, "operator")
 
 
 class MessagesHandler(OperatorHandler):

@@ -138,6 +138,13 @@ class WidgetMessagesHandler(WidgetHandler):
         await self.post_message(principal, raw_id, "visitor", text)
 
 
+class WidgetReadHandler(WidgetHandler):
+    """``POST /api/widget/dialogs/{id}/read {"seq"}``: the visitor has read up to ``seq``."""
+
+    async def post(self, raw_id: str) -> None:
+        await self.mark_read(self.guest(), raw_id, "visitor")
+
+
 class WidgetTypingHandler(WidgetHandler):
     async def post(self, raw_id: str) -> None:
         principal = await self.guest(self.parent_origin())
