@@ -251,7 +251,7 @@ class Principal:
         return cls("guest", security.token_hash(guest_token), origin)
 
     def params(self, dialog_id: int) -> dict[str, object]:
-        """The bind parameters of :data:`_THEIR_DIALOG` for this principal."""
+        """The bind parameters of :data:`THEIR_DIALOG` for this principal."""
         values: dict[str, object] = {"dialog_id": dialog_id, "principal": self.value}
         if self.kind == "guest":
             values["origin"] = self.origin

@@ -62,8 +62,7 @@ async def mark_read(
     try:
         async with db.engine.begin() as conn:
             return await conn.scalar(
-                _MARK_READ[principal.kind, side],
-                {"dialog_id": dialog_id, "principal": principal.value, "seq": seq},
+                _MARK_READ[principal.kind, side], {**principal.params(dialog_id), "seq": seq}
             )
     except IntegrityError as exc:
         if getattr(exc.orig, "sqlstate", None) == _CHECK_VIOLATION:

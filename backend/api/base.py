@@ -172,7 +172,7 @@ class ApiHandler(JsonHandler):
         except workspace.ReadPastEndError:
             raise ApiError(400, "seq is past the dialog's last message") from None
         if now is None:
-            raise await self.not_theirs(principal)
+            raise await self.not_theirs(principal, dialog_id)
         self.write_json({"dialog_id": dialog_id, "side": side, "seq": now})
 
     def message_text(self, body: dict[str, Any]) -> str:

@@ -142,7 +142,12 @@ class WidgetReadHandler(WidgetHandler):
     """``POST /api/widget/dialogs/{id}/read {"seq"}``: the visitor has read up to ``seq``."""
 
     async def post(self, raw_id: str) -> None:
-        await self.mark_read(self.guest(), raw_id, "visitor")
+        body = self.json_body()
+        parent_origin = (self.field_str(body, "parent_origin", required=False, max_chars=300)
+                         or self.parent_origin())
+        principal = await self.guest(parent_origin)
+        self.allow_cors_if_written(principal)
+        await self.mark_read(principal, raw_id, "visitor")
 
 
 class WidgetTypingHandler(WidgetHandler):
