@@ -22,7 +22,7 @@ async def test_login_and_operator_endpoints(api: Api, tenant: Tenant) -> None:
     widget_dialog, _ = await api.widget_dialog(tenant)
     r = await api.request("GET", "/api/dialogs", token=token)
     assert r.code == 200
-    assert {d["id"] for d in r.body["dialogs"]} == {site_dialog, widget_dialog}
+    assert {d["dialog_id"] for d in r.body["dialogs"]} == {site_dialog, widget_dialog}
 
     posted = [await api.post_operator(tenant, site_dialog, f"reply {i}") for i in range(3)]
     assert [m["seq"] for m in posted] == [1, 2, 3]

@@ -353,7 +353,7 @@ async def test_every_credential_reaches_only_its_own_dialogs_over_http(
 
     # The dialog list is the operator's own only.
     r = await api.request("GET", "/api/dialogs", token=bob.token)
-    assert {d["id"] for d in r.body["dialogs"]} == {b_widget}
+    assert {d["dialog_id"] for d in r.body["dialogs"]} == {b_widget}
 
 
 # -- 3. origins ------------------------------------------------------------------------------
