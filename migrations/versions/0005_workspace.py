@@ -1,7 +1,7 @@
 """The operator's workspace: teams, read state, unread counts, dialog events.
 
 Revision ID: 0005_workspace
-Revises: 0003_messages_append_only
+Revises: 0004_rate_limits
 Create Date: 2026-11-27
 
 * **Teams.** ``assistant_operators`` lists who works on an assistant: its owner
@@ -33,7 +33,7 @@ Create Date: 2026-11-27
 from alembic import op
 
 revision = "0005_workspace"
-down_revision = "0003_messages_append_only"
+down_revision = "0004_rate_limits"
 branch_labels = None
 depends_on = None
 
