@@ -74,10 +74,15 @@ class SocketKind(StrEnum):
     ADMIN = "admin"  # /ws/dialogs/{id}: the operator panel, operator JWT
     WIDGET = "widget"  # /ws/widget/dialogs/{id}: a visitor, guest token + page origin
     SITE = "site"  # /ws/site/dialogs/{id}: a site integration, site token
+    INBOX = "inbox"  # /ws/inbox: an operator's workspace, operator JWT
 
     @property
     def tag(self) -> str:
         return f"[{self.value.capitalize()}]"
+
+
+#: The kinds of socket that follow one dialog (the inbox follows many).
+DIALOG_SOCKET_KINDS = (SocketKind.ADMIN, SocketKind.WIDGET, SocketKind.SITE)
 
 
 class Sender(StrEnum):
@@ -109,6 +114,19 @@ class FrameType(StrEnum):
     PING = "ping"
     PONG = "pong"
     HEALTH = "health"
+    READ = "read"  # a side's read state moved: {"dialog_id","side","seq"}
+    DIALOG = "dialog"  # the workspace: a dialog's state, for inbox sockets
+    SNAPSHOT = "snapshot"  # the workspace: an inbox's first view
+    PRESENCE = "presence"  # who is online; as NOTIFY, new totals between gateways
+    OPERATOR_ADDED = "operator_added"  # NOTIFY only: team changes
+    OPERATOR_REMOVED = "operator_removed"
+
+
+class ReadSide(StrEnum):
+    """Whose read state a ``read`` frame reports."""
+
+    OPERATOR = "operator"
+    VISITOR = "visitor"
 
 
 def positive_id(value: object) -> int | None:

@@ -6,5 +6,6 @@ the same logic for browsers. This package imports only the shared library
 """
 
 from replyx_client.dialog import DialogClient, DialogClosedError, Frame
+from replyx_client.inbox import InboxClient
 
-__all__ = ["DialogClient", "DialogClosedError", "Frame"]
+__all__ = ["DialogClient", "DialogClosedError", "Frame", "InboxClient"]

@@ -230,24 +230,30 @@ class DialogClient:
                 continue
             frame = Frame(data, time.time())
             self.frames.append(frame)
-            kind = data.get("type")
-            if kind == "message":
-                seq = data["seq"]
-                if self.last_seq is not None and seq <= self.last_seq:
-                    self.duplicates += 1
-                else:
-                    if self.last_seq is not None and seq != self.last_seq + 1:
-                        self.gaps += 1
-                    self.messages.append(data)
-                    self.last_seq = seq
-            elif kind == "ready":
+            if self._apply(data):
                 got_ready = True
-                if self.last_seq is None:
-                    self.last_seq = data["last_seq"]
                 self._ready.set()
             if self.on_frame is not None:
                 self.on_frame(frame)
             self._notify()
+
+    def _apply(self, data: dict[str, Any]) -> bool:
+        """Take one frame into the client's state; True for ``ready``."""
+        kind = data.get("type")
+        if kind == "message":
+            seq = data["seq"]
+            if self.last_seq is not None and seq <= self.last_seq:
+                self.duplicates += 1
+            else:
+                if self.last_seq is not None and seq != self.last_seq + 1:
+                    self.gaps += 1
+                self.messages.append(data)
+                self.last_seq = seq
+        elif kind == "ready":
+            if self.last_seq is None:
+                self.last_seq = data["last_seq"]
+            return True
+        return False
 
     async def send(self, value: dict[str, Any]) -> None:
         assert self._conn is not None

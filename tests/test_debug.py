@@ -31,7 +31,7 @@ async def test_health_and_status(api: Api, sockets: Sockets, tenant: Tenant, gat
     await sockets.open(sockets.site_url(tenant, dialog_id))
     code, status = await get(f"{base}/api/debug/websocket/status")
     assert code == 200
-    assert status["connections"] == {"total": 3, "admin": 1, "widget": 1, "site": 1}
+    assert status["connections"] == {"total": 3, "admin": 1, "widget": 1, "site": 1, "inbox": 0}
     assert status["dialogs"][str(dialog_id)] == {"admin": 1, "widget": 1, "site": 1}
     assert status["listener"]["state"] == "up"
 

@@ -115,7 +115,7 @@ async def test_since_replays_then_goes_live_without_duplicates(
     assert ready == {"type": "ready", "dialog_id": dialog_id, "last_seq": 5}
     # ready comes after the replay, and only once
     kinds = [f.data["type"] for f in client.frames]
-    assert kinds == ["message", "message", "message", "ready"]
+    assert kinds == ["message", "message", "message", "ready", "presence"]
     await api.post_site(tenant, dialog_id, "new")
     await client.wait_for_seq(6)
     assert client.seqs == [3, 4, 5, 6]

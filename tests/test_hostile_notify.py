@@ -114,7 +114,8 @@ async def test_garbage_is_logged_and_dropped_while_delivery_goes_on(
     assert gateway.stats.bad_notifications == len(garbage) + 1
     for client in (site, admin):
         assert received(client) == stored(sql, dialog_id)
-        assert [f.data["type"] for f in client.frames] == ["ready", "message", "message"]
+        assert [f.data["type"] for f in client.frames] == [
+            "ready", "presence", "message", "message"]
     assert gateway.health()["status"] == "ok"
 
 

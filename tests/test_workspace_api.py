@@ -94,7 +94,7 @@ async def test_read_receipts_move_forward_only_and_never_past_the_end(
     stranger = make_tenant()
     r = await api.request("POST", op, {"seq": 1}, token=stranger.token)
     assert r.code == 404
-    other_dialog, other_guest = await api.widget_dialog(tenant)
+    _, other_guest = await api.widget_dialog(tenant)
     r = await api.request("POST", visitor, {"seq": 1}, token=other_guest, headers=origin)
     assert r.code == 404
 

@@ -26,13 +26,14 @@ from tornado.httpserver import HTTPServer
 from replyx import logs, schema
 from replyx.backoff import Backoff
 from replyx.pg import libpq_url
-from replyx.protocol import GATEWAY_APPLICATION, NOTIFY_CHANNEL, CloseCode
+from replyx.protocol import GATEWAY_APPLICATION, NOTIFY_CHANNEL, CloseCode, SocketKind
 from replyx.settings import Settings
 from ws_gateway.consumer import Consumer, WriteBatch
 from ws_gateway.handlers.admin import AdminSocket
 from ws_gateway.handlers.debug import StatusHandler, SyncHandler
 from ws_gateway.handlers.health import HealthHandler, HealthSocket, health
 from ws_gateway.handlers.http import NotFoundHandler
+from ws_gateway.handlers.inbox import InboxSocket
 from ws_gateway.handlers.metrics import MetricsHandler
 from ws_gateway.handlers.site import SiteSocket
 from ws_gateway.handlers.widget import WidgetSocket
@@ -40,8 +41,10 @@ from ws_gateway.limits import Limiter
 from ws_gateway.listener import Listener
 from ws_gateway.metrics import MetricsCollector, Stats
 from ws_gateway.parts import OpenSocket, Parts
+from ws_gateway.presence import Presence
 from ws_gateway.router import Router
-from ws_gateway.store import GatewayStore
+from ws_gateway.store import GatewayStore, PresenceStore
+from ws_gateway.workspace import Workspace
 
 log = logging.getLogger("ws_gateway")
 
@@ -86,6 +89,8 @@ class Gateway:
             raise
         parts.consumer.start()
         await parts.listener.start()
+        # After LISTEN is in place: a total published after the presence read is not missed.
+        await parts.presence.start()
         self.server = HTTPServer(
             self.make_app(parts), max_body_size=64 * 1024, idle_connection_timeout=120
         )
@@ -134,13 +139,15 @@ class Gateway:
         # Replays go out in chunks well under the per-socket buffer limit (see Router).
         replay_chunk = max(16 * 1024, settings.socket_buffer_limit // 4)
         router = self.router_factory(store, stats, replay_chunk=replay_chunk)
-        consumer = Consumer(router, stats, WriteBatch())
+        presence = Presence(PresenceStore(pool))
+        workspace = Workspace(store, presence)
+        consumer = Consumer(router, workspace, presence, stats, WriteBatch())
         listen_url = settings.listen_database_url
         listener = Listener(
             libpq_url(listen_url) if listen_url else self.dsn,
             NOTIFY_CHANNEL,
             consumer.put,
-            router.resync_all,
+            lambda: self._resync_all(router, workspace, presence),
             probe_interval=settings.listener_probe_interval,
             probe_timeout=settings.listener_probe_timeout,
             backoff_max=settings.listener_backoff_max,
@@ -148,12 +155,14 @@ class Gateway:
         registry.register(
             MetricsCollector(
                 stats,
-                sockets_by_kind=router.count_by_kind,
+                sockets_by_kind=lambda: router.count_by_kind() | {
+                    SocketKind.INBOX.value: workspace.count()},
                 listener_up=lambda: listener.is_up,
                 listener_reconnects=lambda: listener.reconnects,
                 dialogs=lambda: len(router.dialogs),
                 queue_length=consumer.queue.qsize,
                 resyncing=lambda: router.resyncing,
+                presence=presence.gauges,
             )
         )
         limiter = Limiter(
@@ -162,8 +171,17 @@ class Gateway:
         return Parts(
             settings=settings, jwt_secret=settings.jwt_secret(), store=store, router=router,
             listener=listener, consumer=consumer, limiter=limiter, stats=stats,
-            registry=registry, sockets=set(), stopping=self._stopping,
+            registry=registry, workspace=workspace, presence=presence, sockets=set(),
+            stopping=self._stopping,
         )
+
+    @staticmethod
+    def _resync_all(router: Router, workspace: Workspace, presence: Presence) -> None:
+        """The listener is (back) up: whatever was missed is re-read from the database."""
+        router.resync_all()
+        workspace.resync_all()
+        if presence.last_heartbeat is not None:  # not the first LISTEN: start() reads it
+            router.spawn(presence.reload())
 
     async def stop(self) -> None:
         """Close every socket with 1012 (clients resume with ``since``) and shut down."""
@@ -187,9 +205,11 @@ class Gateway:
             await self.server.close_all_connections()
         if parts is None:
             return
+        await parts.presence.stop()
         await parts.listener.stop()
         await parts.consumer.stop()
         await parts.router.close()
+        await parts.workspace.close()
         pool = parts.store.pool
         try:
             # Politely, but briefly: across a network partition each connection's close
@@ -227,6 +247,14 @@ class Gateway:
         return self.started.limiter
 
     @property
+    def workspace(self) -> Workspace:
+        return self.started.workspace
+
+    @property
+    def presence(self) -> Presence:
+        return self.started.presence
+
+    @property
     def sockets(self) -> set[OpenSocket]:
         return self.started.sockets
 
@@ -243,6 +271,7 @@ class Gateway:
                 (rf"/ws/dialogs/{ID}", AdminSocket, deps),
                 (rf"/ws/widget/dialogs/{ID}", WidgetSocket, deps),
                 (rf"/ws/site/dialogs/{ID}", SiteSocket, deps),
+                (r"/ws/inbox", InboxSocket, deps),
                 (r"/health", HealthHandler, deps),
                 (r"/api/debug/websocket/status", StatusHandler, deps),
                 (r"/api/debug/websocket/sync", SyncHandler, deps),

@@ -15,9 +15,11 @@ import time
 from typing import Protocol
 
 from replyx.protocol import CloseCode, FrameType
-from ws_gateway.events import BadPayloadError, parse_event
+from ws_gateway.events import BadPayloadError, DialogEvent, PresenceEvent, TeamEvent, parse_event
 from ws_gateway.metrics import Stats
+from ws_gateway.presence import Presence
 from ws_gateway.router import Router
+from ws_gateway.workspace import Workspace
 
 log = logging.getLogger("ws_gateway")
 
@@ -95,8 +97,13 @@ class WriteBatch:
 class Consumer:
     """Parses queued payloads and hands them to the router, in batches of ``BATCH_SECONDS``."""
 
-    def __init__(self, router: Router, stats: Stats, batch: WriteBatch) -> None:
+    def __init__(
+        self, router: Router, workspace: Workspace, presence: Presence, stats: Stats,
+        batch: WriteBatch,
+    ) -> None:
         self.router = router
+        self.workspace = workspace
+        self.presence = presence
         self.stats = stats
         self.batch = batch
         self.queue: asyncio.Queue[str] = asyncio.Queue()
@@ -143,6 +150,15 @@ class Consumer:
         except BadPayloadError as exc:
             self.stats.bad_notifications += 1
             log.warning("dropped malformed notification (%s): %r", exc, payload[:120])
+            return
+        if isinstance(event, DialogEvent):
+            self.workspace.route(event)
+            return
+        if isinstance(event, TeamEvent):
+            self.workspace.team_changed(event)
+            return
+        if isinstance(event, PresenceEvent):
+            self.presence.on_notification(event)
             return
         try:
             if event.kind == FrameType.MESSAGE_REF:

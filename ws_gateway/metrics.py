@@ -55,6 +55,7 @@ class MetricsCollector(Collector):
         dialogs: Callable[[], int],
         queue_length: Callable[[], int],
         resyncing: Callable[[], int],
+        presence: Callable[[], dict[str, float]],
     ) -> None:
         self.stats = stats
         self.sockets_by_kind = sockets_by_kind
@@ -66,6 +67,15 @@ class MetricsCollector(Collector):
              "Notifications received and not yet routed", queue_length),
             ("replyx_resyncing_dialogs",
              "Dialogs catching up from the database after a listener reconnect", resyncing),
+            ("replyx_presence_operators_online",
+             "Operators online, summed over assistants (every gateway)",
+             lambda: presence()["operators"]),
+            ("replyx_presence_visitors_online",
+             "Dialogs whose visitor is on the page (every gateway)",
+             lambda: presence()["visitors"]),
+            ("replyx_presence_heartbeat_age_seconds",
+             "Seconds since this gateway last renewed its presence lease",
+             lambda: presence()["heartbeat_age"]),
         ]
 
     def collect(self) -> Iterator[Metric]:

@@ -19,8 +19,10 @@ from ws_gateway.consumer import Consumer, WriteBatch
 from ws_gateway.limits import Limiter
 from ws_gateway.listener import Listener
 from ws_gateway.metrics import Stats
+from ws_gateway.presence import Presence
 from ws_gateway.router import Router
 from ws_gateway.store import GatewayStore
+from ws_gateway.workspace import Workspace
 
 
 class OpenSocket(Protocol):
@@ -43,6 +45,8 @@ class Parts:
     limiter: Limiter
     stats: Stats
     registry: CollectorRegistry
+    workspace: Workspace
+    presence: Presence
     #: Every open socket, so that a shutdown can close even those still authorising.
     sockets: set[OpenSocket]
     #: Set once the gateway is stopping: new sockets get 1012, ``/health`` says unavailable.

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from replyx.backoff import Backoff
-from replyx.protocol import CloseCode, SocketKind
+from replyx.protocol import CloseCode, FrameType, SocketKind
 from ws_gateway.events import Event, age_seconds
 from ws_gateway.frames import ready_frame, text_frame
 from ws_gateway.metrics import Stats
@@ -165,7 +165,7 @@ class Router:
     def route(self, event: Event) -> None:
         """Route one parsed event (``message`` or ``typing``) to its dialog's sockets."""
         subs = self.dialogs.get(event.dialog_id)
-        if event.kind == "typing":
+        if event.kind != FrameType.MESSAGE:  # typing, read: ephemeral, to live sockets
             if subs:
                 frame = text_frame(event.payload)
                 for sub in tuple(subs):

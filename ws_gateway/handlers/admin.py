@@ -30,5 +30,13 @@ class AdminSocket(DialogSocket):
         )
         if opening is None:
             raise Refused(CloseCode.NOT_FOUND, "dialog not found", f"user_id={claims.user_id}")
+        self.user_id = claims.user_id
+        # Leaving the assistant's team closes this socket (4001), from the moment it is known.
+        self.assistant_id = opening.assistant_id
+        self.parts.workspace.add_operator_socket(self)
         self.expire_at(claims.expires_at)
         return opening
+
+    def on_close(self) -> None:
+        self.parts.workspace.remove_operator_socket(self)
+        super().on_close()

@@ -28,6 +28,7 @@ from replyx.logs import RedactedRequestLogging
 from replyx.protocol import CloseCode, FrameType, SocketKind, non_negative_int, positive_id
 from ws_gateway.frames import PONG_FRAME
 from ws_gateway.parts import Parts
+from ws_gateway.presence import PresenceSlot
 from ws_gateway.store import Opening
 from ws_gateway.transport import FrameLimitedProtocol, Transport
 
@@ -69,6 +70,9 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         self._server_close_code: int | None = None
         self._expiry: object | None = None
         self._opened_at = time.monotonic()
+        self.assistant_id = 0  # the dialog's assistant, known once authorised
+        self.presence = PresenceSlot()
+        self._watching = False
 
     # -- handshake -----------------------------------------------------------
 
@@ -125,6 +129,7 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
                 # routed into this socket's buffer (see Router.register).
                 mark = router.register(self)
                 opening = await self.authorize(self.dialog_id, since)
+                self.assistant_id = opening.assistant_id
                 if since is not None and since > opening.last_seq:
                     # Seqs only ever grow: this client's state is from another database.
                     raise Refused(CloseCode.BAD_REQUEST, "since is ahead of the dialog")
@@ -153,6 +158,9 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             self.kind.tag, self.dialog_id, "-" if since is None else since, self.sent_seq,
             self.request.remote_ip,
         )
+        # Presence right after ready, then whenever it changes.
+        self._watching = True
+        parts.presence.watch(self)
 
     def _gone(self) -> bool:
         """The client left, or we closed, while open() awaited (a method: it changes then)."""
@@ -252,6 +260,9 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             self.write_frame(PONG_FRAME)
 
     def on_close(self) -> None:
+        if self._watching:
+            self._watching = False
+            self.parts.presence.unwatch(self)
         if self._expiry is not None:
             IOLoop.current().remove_timeout(self._expiry)
             self._expiry = None

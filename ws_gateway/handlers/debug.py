@@ -11,12 +11,12 @@ import time
 from collections import Counter
 from typing import Any
 
-from replyx.protocol import SocketKind, positive_id
+from replyx.protocol import DIALOG_SOCKET_KINDS, SocketKind, positive_id
 from replyx.web import ApiError
 from ws_gateway.handlers.http import GatewayHandler
 from ws_gateway.parts import Parts
 
-KINDS = tuple(SocketKind)
+KINDS = DIALOG_SOCKET_KINDS
 MAX_DIALOGS_LISTED = 1000
 
 
@@ -44,6 +44,10 @@ class StatusHandler(GatewayHandler):
         if user_id is not None:
             allowed = await self.parts.store.operator_dialog_ids(user_id, dialog_ids)
             dialog_ids = [d for d in dialog_ids if d in allowed]
+        workspace = self.parts.workspace
+        # An operator sees their own inboxes only, as they see only their own dialogs.
+        inboxes = (workspace.count() if user_id is None
+                   else len(workspace.inboxes_of.get(user_id, ())))
         totals: Counter[str] = Counter()
         dialogs: dict[int, dict[str, int]] = {}
         for dialog_id in dialog_ids:
@@ -53,10 +57,14 @@ class StatusHandler(GatewayHandler):
                 dialogs[dialog_id] = {kind: kinds.get(kind, 0) for kind in KINDS}
         self.write_json(
             {
-                "connections": {"total": sum(totals.values()), **{k: totals[k] for k in KINDS}},
+                "connections": {
+                    "total": sum(totals.values()) + inboxes,
+                    **{k: totals[k] for k in KINDS}, SocketKind.INBOX: inboxes,
+                },
                 "dialogs": dialogs,
                 "dialogs_total": len(dialog_ids),
                 "listener": listener_state(self.parts),
+                **({"presence": self.parts.presence.status()} if user_id is None else {}),
             }
         )
 

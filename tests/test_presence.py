@@ -1,0 +1,179 @@
+"""Presence across gateways, shared through Postgres only.
+
+Two gateways in this process on one database (each with its own lease and
+rows), and one in a subprocess for the SIGKILL case. Short debounce and lease
+settings keep the waits short; the rules are the same as the defaults'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from tornado.ioloop import IOLoop
+
+from replyx.settings import Settings
+from replyx_client import DialogClient, InboxClient
+from tests.fix_apps import Api, Sockets, start_gateway
+from tests.fix_db import TEST_JWT_SECRET, Tenant
+from ws_gateway.app import Gateway
+
+BIN = Path(sys.executable).parent
+
+
+def presences(client: DialogClient) -> list[Any]:
+    return [f.data for f in client.frames if f.data.get("type") == "presence"]
+
+
+@pytest.fixture
+def second(io_loop: IOLoop, settings: Settings, database_url: str) -> Iterator[Gateway]:
+    gw = start_gateway(io_loop, settings, database_url)
+    yield gw
+    io_loop.run_sync(gw.stop, timeout=30)
+
+
+def inbox_url(base: str, tenant: Tenant) -> str:
+    return f"{base}/ws/inbox?token={quote(tenant.token)}"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_operator_on_one_gateway_is_online_for_a_widget_on_another(
+    api: Api, sockets: Sockets, gateway: Gateway, second: Gateway, tenant: Tenant,
+    make_tenant: Any,
+) -> None:
+    dialog_id, guest = await api.widget_dialog(tenant)
+    other = make_tenant()
+    other_dialog, other_guest = await api.widget_dialog(other)
+    base2 = f"ws://127.0.0.1:{second.port}"
+    widget = await sockets.open(
+        sockets.widget_url(tenant, dialog_id, guest).replace(sockets.base, base2),
+        origin=tenant.domains[0])
+    bystander = await sockets.open(
+        sockets.widget_url(other, other_dialog, other_guest).replace(sockets.base, base2),
+        origin=other.domains[0])
+    await widget.wait_for_frame(lambda f: f.get("type") == "presence")
+    assert presences(widget) == [{"type": "presence", "operators_online": 0}]
+
+    inbox = InboxClient(inbox_url(sockets.base, tenant))  # on gateway 1
+    sockets.clients.append(inbox)
+    await inbox.connect()
+    await widget.wait_until(lambda: presences(widget)[-1]["operators_online"] == 1, 5, "online")
+    # The inbox sees its visitor on the page, though the widget is on the other gateway.
+    await inbox.wait_until(lambda: inbox.dialogs[dialog_id]["visitor_online"], 5, "visitor")
+
+    await inbox.close()
+    await widget.wait_until(lambda: presences(widget)[-1]["operators_online"] == 0, 15,
+                            "offline after the debounce")
+    # Assistant isolation: the other tenant's widget never heard of any of it.
+    assert presences(bystander) == [{"type": "presence", "operators_online": 0}]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_widget_reload_is_no_offline_flap_for_the_operator(
+    api: Api, sockets: Sockets, tenant: Tenant
+) -> None:
+    dialog_id, guest = await api.widget_dialog(tenant)
+    admin = await sockets.open(sockets.admin_url(tenant, dialog_id))
+    url = sockets.widget_url(tenant, dialog_id, guest)
+    widget = await sockets.open(url, origin=tenant.domains[0])
+    await admin.wait_until(
+        lambda: presences(admin) and presences(admin)[-1]["visitor_online"], 5, "online")
+    for _ in range(3):  # page navigations: close, and back within 2 s
+        await widget.close()
+        await asyncio.sleep(0.5)
+        widget = await sockets.open(url, origin=tenant.domains[0])
+    await asyncio.sleep(2.5)
+    assert [p["visitor_online"] for p in presences(admin)] == [False, True]
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_churn_is_coalesced_and_the_final_counts_are_exact(
+    api: Api, sockets: Sockets, gateway: Gateway, second: Gateway, tenant: Tenant
+) -> None:
+    dialogs = [await api.widget_dialog(tenant) for _ in range(40)]
+    bases = [sockets.base, f"ws://127.0.0.1:{second.port}"]
+    watchers = [await sockets.open(sockets.site_url(tenant, dialogs[0][0]).replace(
+        sockets.base, base)) for base in bases]
+    operators = []
+
+    async def churn(i: int) -> None:
+        dialog_id, guest = dialogs[i]
+        url = sockets.widget_url(tenant, dialog_id, guest).replace(sockets.base, bases[i % 2])
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            client = DialogClient(url, origin=tenant.domains[0], resume=False)
+            await client.connect()
+            await asyncio.sleep(0.05 * (i % 5))
+            await client.close()
+
+    async def operators_come_and_go() -> None:
+        for _ in range(6):
+            inbox = InboxClient(inbox_url(bases[len(operators) % 2], tenant))
+            await inbox.connect()
+            operators.append(inbox)
+            await asyncio.sleep(1)
+        for inbox in operators[:-1]:
+            await inbox.close()
+
+    await asyncio.gather(operators_come_and_go(), *(churn(i) for i in range(40)))
+    await asyncio.sleep(7)  # debounce, then the last frame
+    for watcher in watchers:
+        frames = [f for f in watcher.frames if f.data.get("type") == "presence"]
+        gaps = [b.received_at - a.received_at for a, b in itertools.pairwise(frames)]
+        assert all(gap >= 0.9 for gap in gaps), gaps  # at most one per second
+        assert frames[-1].data["operators_online"] == 1  # one operator still has an inbox
+    # Every gateway's view equals the sockets actually open: no widget left, one operator.
+    for gw in (gateway, second):
+        assert gw.presence.visitors_online == set()
+        assert gw.presence.operators_online == {tenant.assistant_id: 1}
+    await operators[-1].close()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_killed_gateway_stops_counting_within_15_seconds(
+    api: Api, sockets: Sockets, tenant: Tenant, database_url: str, tmp_path: Path
+) -> None:
+    dialog_id, guest = await api.widget_dialog(tenant)
+    widget = await sockets.open(sockets.widget_url(tenant, dialog_id, guest),
+                                origin=tenant.domains[0])
+    port = _free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "GATEWAY_PORT": str(port),
+           "REPLYX_DATA_DIR": str(tmp_path), "REPLYX_JWT_SECRET": TEST_JWT_SECRET}
+    proc = subprocess.Popen(  # noqa: ASYNC220 (returns at once; the test waits for its port)
+        [str(BIN / "python"), "-m", "ws_gateway"], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        inbox = InboxClient(inbox_url(f"ws://127.0.0.1:{port}", tenant), resume=False)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await inbox.connect()
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "the second gateway did not start"
+                await asyncio.sleep(0.3)
+        await widget.wait_until(lambda: presences(widget)[-1]["operators_online"] == 1, 5, "on")
+        proc.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        await widget.wait_until(lambda: presences(widget)[-1]["operators_online"] == 0, 20, "off")
+        assert time.monotonic() - killed_at < 15
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
