@@ -7,7 +7,9 @@ what it rests on failed). Exit code 1 when anything failed; ``--json`` for scrip
 It only looks: it never starts the embedded Postgres, a process or a migration,
 so a part that is down is reported as down. Processes are found through the
 supervisord of ``replyx run`` (its XML-RPC socket under the data dir) when there
-is one, and through the process table in any case.
+is one, and through the process table in any case. A running stack is found on its
+own (:func:`replyx_ops.state.located`): its data dir, ports and database need not
+be repeated in the environment.
 
 The checks live by concern: ``postgres`` (server, schema, triggers, NOTIFY round
 trip, the gateway's LISTEN session), ``processes`` (supervisord, gunicorn's
@@ -24,6 +26,7 @@ from dataclasses import asdict
 import orjson
 
 from replyx.settings import Settings
+from replyx_ops import state
 from replyx_ops.check.base import FAIL, PASS, SKIP, CheckFailed, Result
 from replyx_ops.check.http import HttpChecks
 from replyx_ops.check.postgres import PostgresChecks
@@ -46,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
+    # The stack's own data dir, ports and database, wherever this runs (replyx_ops.state).
+    settings = state.located(settings)
     results = list(Checker(settings, nginx=args.nginx, timeout=args.timeout).run())
     failed = [r for r in results if r.status == FAIL]
     if args.json:
