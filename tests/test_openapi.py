@@ -214,3 +214,42 @@ def test_the_live_api_keeps_to_its_document(
 
 def test_the_document_lives_in_the_repository() -> None:
     assert DOCUMENT == Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
+
+
+# -- the README's "HTTP API" table is the document's -----------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+TABLE_START, TABLE_END = "<!-- http-api: generated from docs/openapi.json -->", "<!-- /http-api -->"
+AUDIENCES = {"operator": "operator", "guest": "guest", "site": "site"}
+
+
+def http_api_table() -> str:
+    """The README's table: one row per operation of docs/openapi.json, in its order."""
+    rows = ["| method and path | auth | does |", "|---|---|---|"]
+    for path, item in document()["paths"].items():
+        for method, operation in item.items():
+            if method not in METHODS:
+                continue
+            schemes = [name for alt in operation["security"] for name in alt]
+            auth = next((label for prefix, label in AUDIENCES.items()
+                         if any(s.startswith(prefix) for s in schemes)), "—")
+            if auth != "—" and {} in operation["security"]:
+                auth += " (not from loopback)"
+            auth = operation.get("x-replyx-auth", "").split(":")[0] or auth
+            rows.append(f"| `{method.upper()} {path}` | {auth} | {operation['summary']} |")
+    return "\n".join(rows)
+
+
+def test_the_readme_http_api_table_is_the_documents() -> None:
+    text = README.read_text()
+    if TABLE_START not in text:
+        pytest.skip("README.md has no generated HTTP API table yet")
+    table = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip()
+    assert table == http_api_table(), (
+        "README.md's HTTP API table differs from docs/openapi.json; the table is:\n"
+        + http_api_table()
+    )
+
+
+if __name__ == "__main__":
+    print(http_api_table())  # python -m tests.test_openapi: the table for README.md
