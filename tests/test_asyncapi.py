@@ -146,6 +146,13 @@ async def test_frames_of_a_real_delivery_match_the_document(
                                             "last_seq": first[1]["seq"]}]
         conns[channel].write_message(orjson.dumps({"type": "ping"}).decode())
 
+    # Without since there is no replay: ready comes first.
+    fresh = await open_raw(f"{base}{urls['adminDialog']}")
+    fresh_frames: list[dict[str, Any]] = []
+    await read_until(fresh, lambda s: bool(s), Frames(doc, "adminDialog"), fresh_frames)
+    assert fresh_frames == [{"type": "ready", "dialog_id": dialog_id, "last_seq": first[1]["seq"]}]
+    fresh.close()
+
     typing = await api.request("POST", f"/api/dialogs/{dialog_id}/typing", {},
                                token=tenant.token)
     assert typing.code == 204
