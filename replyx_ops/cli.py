@@ -167,7 +167,10 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_ctl(settings: Settings, args: argparse.Namespace) -> int:
     if state.running(settings.data_dir) is None:
-        raise CommandError(f"no stack is running; {state.not_found_message(settings)}")
+        looked = (str(settings.data_dir) if state.holds_a_stack(settings.data_dir)
+                  else " or ".join(str(d) for d in state.candidates(settings)))
+        raise CommandError(f"no stack is running (looked in {looked}): start one with"
+                           " `replyx run`, or point REPLYX_DATA_DIR at its data dir")
     return stack.supervisorctl(settings, args.ctl_args)
 
 

@@ -97,4 +97,10 @@ class Checker(PostgresChecks, ProcessChecks, HttpChecks):
             yield from self._one("nginx /api/", self.check_nginx_api)
             yield from self._one("nginx /ws/", self.check_nginx_ws)
         else:
-            yield Result("nginx", SKIP, "not configured (pass --nginx to check it anyway)")
+            running = state.running(self.settings.data_dir)
+            if running is not None and running.front == "proxy":
+                yield Result("nginx", SKIP, f"not running: replyx run's Python stand-in serves"
+                                            f" :{self.settings.nginx_port} (nginx not installed,"
+                                            " or --no-nginx)")
+            else:
+                yield Result("nginx", SKIP, "not configured (pass --nginx to check it anyway)")
