@@ -6,11 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,33 +17,9 @@ import pytest
 from replyx.pg import EmbeddedPostgres
 from tests.fix_db import TEST_JWT_SECRET, cluster_dir
 from tests.fix_secrets import TOKEN_SHAPES, remember, watch_dir
+from tests.net import free_port, http_status
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_status(url: str, timeout: float = 2.0) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
-
-
-def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if http_status(url) == status:
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer {status} within {timeout}s")
 
 
 class Stack:

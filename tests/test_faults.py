@@ -1,7 +1,7 @@
 """Faults of the LISTEN path and the database, against the in-process backend and gateway.
 
 Each test breaks something while messages flow, then compares every socket with the
-database: exactly seq 1..N of the dialog, in order, once (see ``tests/checks.py``).
+database: exactly seq 1..N of the dialog, in order, once (see ``tests/consistency.py``).
 The socket-level faults of the real stack (backend and gateway restarts, a slow
 consumer) are in ``test_faults_stack.py``.
 """
@@ -23,16 +23,11 @@ from tornado.ioloop import IOLoop
 from replyx import schema
 from replyx.pg import EmbeddedPostgres
 from replyx_client import DialogClient
-from tests.checks import (
-    assert_match_database,
-    get_json,
-    open_three,
-    site_poster,
-    wait_status,
-)
+from tests.consistency import assert_match_database, open_three, site_poster
 from tests.fix_apps import Api, Sockets, start_backend, start_gateway
 from tests.fix_db import Tenant, cluster_dir, create_tenant, make_settings
 from tests.fix_proxy import Proxy, postgres_target, via_proxy
+from tests.net import get_json, wait_status
 from ws_gateway.app import Gateway
 
 INSERT = "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, %s, %s)"

@@ -1,7 +1,7 @@
 """Faults of the real stack (`replyx run`: supervisord, gunicorn, the gateway process).
 
 Processes are killed and restarted as in production; afterwards every socket is
-compared with the database (``tests/checks.py``). One stack serves the module and
+compared with the database (``tests/consistency.py``). One stack serves the module and
 is left running and healthy by each test.
 """
 
@@ -25,10 +25,11 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from replyx_client import DialogClient
-from tests.checks import Poster, assert_match_database, get_json, open_three, site_poster
+from tests.consistency import Poster, assert_match_database, open_three, site_poster
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant
 from tests.fix_stack import Stack
+from tests.net import get_json, wait_status
 
 INSERT = "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, %s, %s)"
 log = logging.getLogger("tests")
@@ -43,17 +44,8 @@ async def pid_of(stack: Stack, program: str) -> int:
 async def healthy(stack: Stack, timeout: float = 60) -> None:  # noqa: ASYNC109
     """Wait until the backend and the gateway both answer /health with 200, so a test
     starts on a whole stack even if the one before it left a process restarting."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if all([(await get_json(f"{base}/health"))[0] == 200
-                    for base in (stack.api, stack.gateway)]):
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the stack was not healthy within {timeout}s")
-        await asyncio.sleep(0.1)
+    for base in (stack.api, stack.gateway):
+        await wait_status(f"{base}/health", 200, timeout)
 
 
 async def wait_served_by_children_of(stack: Stack, master: int, timeout: float = 60) -> None:  # noqa: ASYNC109

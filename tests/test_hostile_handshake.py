@@ -24,7 +24,7 @@ import jwt
 import orjson
 import psutil
 import pytest
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from replyx import security
@@ -33,6 +33,7 @@ from replyx_client import DialogClient, DialogClosedError
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import TEST_JWT_SECRET, Tenant, make_settings
 from tests.fix_secrets import remember
+from tests.net import get_json
 from ws_gateway.app import Gateway
 
 KEY = TEST_JWT_SECRET.encode()
@@ -127,12 +128,6 @@ async def refused(url: str, origin: str | None = None) -> tuple[int | None, str]
     raise AssertionError(f"{client.safe_url} with Origin {origin} was accepted")
 
 
-async def get(url: str, **headers: str) -> tuple[int, Any]:
-    response = await AsyncHTTPClient().fetch(url, headers=headers, raise_error=False)
-    body = response.body or b""
-    return response.code, orjson.loads(body) if body[:1] == b"{" else body
-
-
 # -- 1. operator JWTs ----------------------------------------------------------------------
 
 
@@ -156,12 +151,12 @@ async def test_every_forged_or_broken_jwt_gets_4001_and_401(
         assert r.body == {"error": "missing, invalid or expired operator token"}, name
         r = await api.request("GET", f"/api/dialogs?token={quoted}")
         assert r.code == 401, name
-        code, body = await get(debug, Authorization=f"Bearer {token}", **proxied)
+        code, body = await get_json(debug, Authorization=f"Bearer {token}", **proxied)
         assert code == 401 and set(body) == {"error"}, name
 
     # The genuine token, in both places, still works: the refusals above are about the tokens.
     await sockets.open(sockets.admin_url(tenant, dialog_id))
-    code, _ = await get(debug, Authorization=f"Bearer {tenant.token}", **proxied)
+    code, _ = await get_json(debug, Authorization=f"Bearer {tenant.token}", **proxied)
     assert code == 200
 
 
@@ -475,27 +470,27 @@ async def test_debug_needs_an_operator_token_behind_any_proxy_header(
     proxies = ({"X-Forwarded-For": "203.0.113.9"}, {"X-Real-IP": "203.0.113.9"},
                {"X-Real-IP": "127.0.0.1"}, {"X-Forwarded-For": "127.0.0.1, 10.0.0.1"})
     for path in (p.format(d=dialog_id) for p in DEBUG_PATHS):
-        code, _ = await get(base + path)
+        code, _ = await get_json(base + path)
         assert code == 200, path  # a direct loopback peer: no token needed
         for proxy in proxies:
             for auth in ({}, {"Authorization": "Bearer garbage"},
                          {"Authorization": f"Bearer {expired}"}):
-                code, body = await get(base + path, **proxy, **auth)
+                code, body = await get_json(base + path, **proxy, **auth)
                 assert code == 401 and body == {"error": "an operator token is required"}, (
                     path, proxy, auth)
-            code, _ = await get(base + path, **proxy, Authorization=f"Bearer {alice.token}")
+            code, _ = await get_json(base + path, **proxy, Authorization=f"Bearer {alice.token}")
             assert code == 200, path
         sep = "&" if "?" in path else "?"
-        code, _ = await get(f"{base}{path}{sep}token={quote(alice.token)}", **proxies[0])
+        code, _ = await get_json(f"{base}{path}{sep}token={quote(alice.token)}", **proxies[0])
         assert code == 200, path
 
-    code, status = await get(base + DEBUG_PATHS[0], Authorization=f"Bearer {bob.token}",
+    code, status = await get_json(base + DEBUG_PATHS[0], Authorization=f"Bearer {bob.token}",
                              **proxies[0])
     assert code == 200 and status["dialogs"] == {} and status["connections"]["total"] == 0
-    code, body = await get(base + DEBUG_PATHS[1].format(d=dialog_id),
+    code, body = await get_json(base + DEBUG_PATHS[1].format(d=dialog_id),
                            Authorization=f"Bearer {bob.token}", **proxies[0])
     assert code == 404 and body == {"error": "dialog not found"}
-    code, _ = await get(base + "/health", **proxies[0])
+    code, _ = await get_json(base + "/health", **proxies[0])
     assert code == 200  # health stays public: it holds no dialog data
 
 
@@ -524,15 +519,15 @@ async def test_debug_from_another_address_needs_an_operator_token(
                               f"?site_token={quote(alice.site_token)}")
         await client.connect()
         for path in (p.format(d=dialog_id) for p in DEBUG_PATHS):
-            code, _ = await get(base + path)
+            code, _ = await get_json(base + path)
             assert code == 401, path
-            code, _ = await get(base + path, Authorization=f"Bearer {alice.token}")
+            code, _ = await get_json(base + path, Authorization=f"Bearer {alice.token}")
             assert code == 200, path
-        code, status = await get(base + DEBUG_PATHS[0], Authorization=f"Bearer {alice.token}")
+        code, status = await get_json(base + DEBUG_PATHS[0], Authorization=f"Bearer {alice.token}")
         assert status["dialogs"] == {str(dialog_id): {"admin": 0, "widget": 0, "site": 1}}
-        code, status = await get(base + DEBUG_PATHS[0], Authorization=f"Bearer {bob.token}")
+        code, status = await get_json(base + DEBUG_PATHS[0], Authorization=f"Bearer {bob.token}")
         assert status["dialogs"] == {}
-        code, _ = await get(base + DEBUG_PATHS[1].format(d=dialog_id),
+        code, _ = await get_json(base + DEBUG_PATHS[1].format(d=dialog_id),
                             Authorization=f"Bearer {bob.token}")
         assert code == 404
         await client.close()

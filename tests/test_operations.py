@@ -24,7 +24,8 @@ from replyx.pg import EmbeddedPostgres
 from replyx_ops.stack import nginx_available
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant
-from tests.fix_stack import BIN, Stack, free_port, wait_http
+from tests.fix_stack import BIN, Stack
+from tests.net import free_port, wait_http
 
 LOG_MAX_BYTES = 32 * 1024
 LOG_BACKUPS = 3

@@ -14,7 +14,8 @@ from replyx.pg import EmbeddedPostgres
 from replyx_client import DialogClient
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant
-from tests.fix_stack import Stack, http_status
+from tests.fix_stack import Stack
+from tests.net import http_status
 
 
 @pytest.mark.gen_test(timeout=90)
