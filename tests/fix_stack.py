@@ -4,7 +4,6 @@ the gateway, nginx when installed) on free ports, against the test database."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from replyx.pg import EmbeddedPostgres
-from tests.fix_db import TEST_JWT_SECRET, cluster_dir
+from tests.fix_db import TEST_JWT_SECRET, child_environ, cluster_dir
 from tests.fix_secrets import TOKEN_SHAPES, remember, watch_dir
 from tests.net import free_port, http_status
 
@@ -30,8 +29,7 @@ class Stack:
         self.backend_port = free_port()
         self.gateway_port = free_port()
         self.nginx_port = free_port()
-        self.env = {
-            **os.environ,
+        self.env = child_environ(**{
             "REPLYX_DATA_DIR": str(data_dir),
             "REPLYX_JWT_SECRET": TEST_JWT_SECRET,
             "BACKEND_PORT": str(self.backend_port),
@@ -41,10 +39,8 @@ class Stack:
             "REPLYX_PROBE_INTERVAL": "0.5",
             "REPLYX_PROBE_TIMEOUT": "1.0",
             **env,
-        }
-        if database_url is None:
-            self.env.pop("DATABASE_URL", None)
-        else:
+        })
+        if database_url is not None:
             self.env["DATABASE_URL"] = database_url
         self.proc: subprocess.Popen[bytes] | None = None
 

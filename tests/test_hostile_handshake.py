@@ -31,7 +31,7 @@ from replyx import security
 from replyx.config import ConfigError, Settings
 from replyx_client import DialogClient, DialogClosedError
 from tests.fix_apps import Api, Sockets
-from tests.fix_db import TEST_JWT_SECRET, Tenant, make_settings
+from tests.fix_db import TEST_JWT_SECRET, Tenant, child_environ, make_settings
 from tests.fix_secrets import remember
 from tests.net import get_json
 from ws_gateway.app import Gateway
@@ -196,7 +196,7 @@ def test_short_jwt_keys_are_refused_at_start_up(tmp_path: Path) -> None:
     assert short not in str(caught.value)
     Settings.from_environ({"REPLYX_DATA_DIR": str(tmp_path), "REPLYX_JWT_SECRET": "k" * 32})
 
-    env = {**os.environ, "REPLYX_DATA_DIR": str(tmp_path), "REPLYX_JWT_SECRET": short}
+    env = child_environ(REPLYX_DATA_DIR=str(tmp_path), REPLYX_JWT_SECRET=short)
     for argv in ([str(BIN / "python"), "-m", "ws_gateway"],
                  [str(BIN / "replyx"), "run", "--no-demo"],
                  [str(BIN / "replyx"), "token", "--user-id", "1"]):

@@ -23,7 +23,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from replyx.pg import EmbeddedPostgres
 from replyx_ops.stack import nginx_available
 from tests.fix_apps import Api, Sockets
-from tests.fix_db import Tenant
+from tests.fix_db import Tenant, child_environ
 from tests.fix_stack import BIN, Stack
 from tests.net import free_port, wait_http
 
@@ -157,12 +157,10 @@ def test_check_finds_a_schema_behind_and_a_disabled_trigger(
 
 
 def test_check_without_a_stack_fails_and_starts_nothing(tmp_path: Path) -> None:
-    import os
     import subprocess
 
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env.update(REPLYX_DATA_DIR=str(tmp_path / "var"), BACKEND_PORT=str(free_port()),
-               GATEWAY_PORT=str(free_port()), NGINX_PORT=str(free_port()))
+    env = child_environ(REPLYX_DATA_DIR=str(tmp_path / "var"), BACKEND_PORT=str(free_port()),
+                        GATEWAY_PORT=str(free_port()), NGINX_PORT=str(free_port()))
     result = subprocess.run([str(BIN / "replyx"), "check", "--json"], env=env,
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1, result.stderr
