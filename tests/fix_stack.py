@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from replyx.pg import EmbeddedPostgres
+from replyx_ops.stack import nginx_available
 from tests.fix_db import TEST_JWT_SECRET, child_environ, cluster_dir
 from tests.fix_secrets import TOKEN_SHAPES, remember, watch_dir
 from tests.net import free_port, http_status
@@ -96,6 +97,13 @@ class Stack:
         path = self.data_dir / "log" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def logs(self, name: str) -> str:
+        """A program's log with its rotated files, oldest first."""
+        log_dir = self.data_dir / "log"
+        files = sorted(log_dir.glob(f"{name}.log.*"), key=lambda p: -int(p.suffix[1:]))
+        return "".join(p.read_text(errors="replace") for p in [*files, log_dir / f"{name}.log"]
+                       if p.exists())
+
     def ctl(self, *args: str, check: bool = True) -> str:
         result = subprocess.run(
             [str(BIN / "replyx"), "ctl", *args], env=self.env, capture_output=True, text=True,
@@ -159,3 +167,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterat
     s = Stack(tmp_path_factory.mktemp("stack"), database_url).start("--no-demo")
     yield s
     s.stop()
+
+
+#: Log rotation of the ``ops`` stack: small, so test_logs.py sees it rotate.
+LOG_MAX_BYTES = 32 * 1024
+LOG_BACKUPS = 3
+
+
+@pytest.fixture(scope="session")
+def ops(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[Stack]:
+    """Run it like production: one ``replyx run`` with nginx for the operations tests
+    (test_check, test_metrics, test_processes, test_logs, test_browser).
+
+    Started on first use and shared by those modules, which would otherwise start one
+    each; a test that stops or breaks a part of it puts it back before it ends, and
+    counters are compared before and after, never read as totals.
+    """
+    assert nginx_available(), "nginx is not installed: apt-get install nginx-light (.ci/run does)"
+    stack = Stack(
+        tmp_path_factory.mktemp("ops"), database_url,
+        REPLYX_LOG_MAX_BYTES=str(LOG_MAX_BYTES), REPLYX_LOG_BACKUPS=str(LOG_BACKUPS),
+    ).start("--no-demo")
+    yield stack
+    stack.stop()

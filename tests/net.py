@@ -70,3 +70,10 @@ async def wait_status(url: str, status: int, timeout: float = 30.0) -> float:  #
         if time.monotonic() - started > timeout:
             raise TimeoutError(f"{url} did not answer {status} within {timeout}s (last {code})")
         await asyncio.sleep(0.05)
+
+
+async def get_text(url: str, **headers: str) -> tuple[int, str]:
+    """``GET url``: its status and its body as text."""
+    response = await AsyncHTTPClient().fetch(url, headers=headers, raise_error=False,
+                                             request_timeout=10)
+    return response.code, (response.body or b"").decode()
