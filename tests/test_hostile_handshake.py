@@ -24,19 +24,18 @@ import jwt
 import orjson
 import psutil
 import pytest
-from tornado.httpclient import HTTPRequest
-from tornado.websocket import websocket_connect
 
 from replyx import security
 from replyx.config import ConfigError, Settings
-from replyx_client import DialogClient, DialogClosedError
-from tests.fix_apps import Api, Sockets
+from replyx_client import DialogClient
+from tests.fix_apps import Api, Sockets, refusal
 from tests.fix_db import TEST_JWT_SECRET, Tenant, child_environ, make_settings
 from tests.fix_secrets import remember
 from tests.net import get_json
 from ws_gateway.app import Gateway
 
 KEY = TEST_JWT_SECRET.encode()
+ORIGIN_REFUSED = "origin not allowed for this assistant"
 WIDGET_HOST = "https://widget.replyx.example"
 BIN = Path(sys.executable).parent
 
@@ -104,28 +103,10 @@ def forged_tokens(user_id: int, good: str) -> dict[str, str]:
     }
 
 
-async def close_of(url: str, headers: dict[str, str] | None = None) -> tuple[int | None, str]:
-    """Open a socket that must be refused; its close code and reason."""
-    conn = await websocket_connect(HTTPRequest(url, headers=headers, request_timeout=10))
-    while await conn.read_message() is not None:
-        pass
-    return conn.close_code, conn.close_reason or ""
-
-
 async def opens(url: str, origin: str | None = None) -> None:
     client = DialogClient(url, origin=origin, resume=False)
     await client.connect()
     await client.close()
-
-
-async def refused(url: str, origin: str | None = None) -> tuple[int | None, str]:
-    client = DialogClient(url, origin=origin, resume=False)
-    try:
-        await client.connect()
-    except DialogClosedError as exc:
-        return exc.code, exc.reason or ""
-    await client.close()
-    raise AssertionError(f"{client.safe_url} with Origin {origin} was accepted")
 
 
 # -- 1. operator JWTs ----------------------------------------------------------------------
@@ -141,11 +122,11 @@ async def test_every_forged_or_broken_jwt_gets_4001_and_401(
     proxied = {"X-Real-IP": "203.0.113.7"}
     for name, token in forged_tokens(tenant.user_id, tenant.token).items():
         quoted = quote(token, safe="")
-        assert await close_of(f"{sockets.base}/ws/dialogs/{dialog_id}?token={quoted}") == (
+        assert await refusal(f"{sockets.base}/ws/dialogs/{dialog_id}?token={quoted}") == (
             4001, "missing, invalid or expired token"), name
-        code, _ = await close_of(f"{sockets.base}/ws/dialogs/{dialog_id}",
-                                 {"Authorization": f"Bearer {token}"})
-        assert code == 4001, name
+        assert await refusal(f"{sockets.base}/ws/dialogs/{dialog_id}",
+                             headers={"Authorization": f"Bearer {token}"}) == (
+            4001, "missing, invalid or expired token"), name
         r = await api.request("GET", f"/api/dialogs/{dialog_id}/messages", token=token)
         assert r.code == 401, name
         assert r.body == {"error": "missing, invalid or expired operator token"}, name
@@ -283,22 +264,24 @@ async def test_every_credential_reaches_only_its_own_dialogs_on_sockets(
     ]
     reasons = set()
     for url, origin in not_yours + not_found:
-        code, reason = await refused(url, origin)
+        code, reason = await refusal(url, origin)
         assert code == 4004, url
         reasons.add(reason)
     assert reasons == {"dialog not found"}  # "not yours" and "not there" look the same
 
     # A credential of one kind is no credential of another.
+    operator, site, guest = ("missing, invalid or expired token", "invalid site token",
+                             "invalid guest token")
     wrong_kind = [
-        f"{base}/ws/dialogs/{a_widget}?token={quote(a_guest)}",
-        f"{base}/ws/dialogs/{a_widget}?token={quote(alice.site_token)}",
-        f"{base}/ws/site/dialogs/{a_widget}?site_token={quote(alice.token)}",
-        f"{base}/ws/site/dialogs/{a_widget}?site_token={quote(a_guest)}",
-        widget(a_widget, alice.site_token),
-        widget(a_widget, alice.token),
+        (f"{base}/ws/dialogs/{a_widget}?token={quote(a_guest)}", operator),
+        (f"{base}/ws/dialogs/{a_widget}?token={quote(alice.site_token)}", operator),
+        (f"{base}/ws/site/dialogs/{a_widget}?site_token={quote(alice.token)}", site),
+        (f"{base}/ws/site/dialogs/{a_widget}?site_token={quote(a_guest)}", site),
+        (widget(a_widget, alice.site_token), guest),
+        (widget(a_widget, alice.token), guest),
     ]
-    for url in wrong_kind:
-        assert (await refused(url, shop))[0] == 4001, url
+    for url, reason in wrong_kind:
+        assert await refusal(url, shop) == (4001, reason), url
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -381,7 +364,7 @@ async def test_spoofed_and_missing_origins_are_refused_with_4003_and_logged(
     caplog.set_level(logging.INFO)
 
     for origin in [*SPOOFS, "http://localhost:3001", "http://localhost", None]:
-        assert (await refused(url, origin))[0] == 4003, origin
+        assert await refusal(url, origin) == (4003, ORIGIN_REFUSED), origin
         headers = {"Origin": origin} if origin else {}
         r = await api.request("POST", "/api/widget/dialogs", {"assistant_id": tenant.assistant_id},
                               headers=headers)
@@ -411,8 +394,9 @@ async def test_parent_origin_counts_only_inside_our_own_iframe(
     await opens(url("https://shop.example"), WIDGET_HOST)
     await opens(url("evil"), "https://shop.example")  # ignored outside the iframe
     for parent in [*SPOOFS, "", None]:
-        assert (await refused(url(parent), WIDGET_HOST))[0] == 4003, parent
-    assert (await refused(url("https://shop.example"), "https://evil.example"))[0] == 4003
+        assert await refusal(url(parent), WIDGET_HOST) == (4003, ORIGIN_REFUSED), parent
+    assert await refusal(url("https://shop.example"), "https://evil.example") == (
+        4003, ORIGIN_REFUSED)
 
     async def create(origin: str, parent: str | None) -> int:
         body: dict[str, Any] = {"assistant_id": tenant.assistant_id}
@@ -448,7 +432,8 @@ async def test_an_operator_socket_is_closed_4001_when_its_token_expires(
     await api.post_site(tenant, dialog_id, "after the expiry")
     await lasting.wait_for_seq(1)
     # And the expired token cannot open a new socket.
-    assert (await refused(f"{sockets.base}/ws/dialogs/{dialog_id}?token={short}"))[0] == 4001
+    assert await refusal(f"{sockets.base}/ws/dialogs/{dialog_id}?token={short}") == (
+        4001, "missing, invalid or expired token")
 
 
 # -- 5. debug endpoints and /metrics -----------------------------------------------------------

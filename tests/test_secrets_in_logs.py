@@ -22,8 +22,8 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from replyx import security
-from replyx_client import DialogClient, DialogClosedError
-from tests.fix_apps import Api, Response
+from replyx_client import DialogClient
+from tests.fix_apps import Api, Response, refusal, without_credentials
 from tests.fix_db import TEST_JWT_SECRET, Tenant
 from tests.fix_secrets import REGISTRY, TOKEN_SHAPES, SecretRegistry, remember
 from tests.fix_stack import Stack
@@ -129,15 +129,18 @@ async def test_no_credential_reaches_any_log_of_the_real_stack(
         assert_no_secret(orjson.dumps(r.body).decode(), tenant, other.token, guest, expired)
     assert failures[-1].code == 413
     for base in (stack.ws, nginx_ws):
-        for url, page in (
-            (f"{base}/ws/dialogs/{site_dialog}?token={quote(other.token)}", None),
-            (f"{base}/ws/dialogs/{site_dialog}?token={quote(expired)}", None),
-            (f"{base}/ws/site/dialogs/{site_dialog}?site_token={quote(other.site_token)}", None),
+        for url, page, expected in (
+            (f"{base}/ws/dialogs/{site_dialog}?token={quote(other.token)}", None,
+             (4004, "dialog not found")),
+            (f"{base}/ws/dialogs/{site_dialog}?token={quote(expired)}", None,
+             (4001, "missing, invalid or expired token")),
+            (f"{base}/ws/site/dialogs/{site_dialog}?site_token={quote(other.site_token)}", None,
+             (4004, "dialog not found")),
             (f"{base}/ws/widget/dialogs/{widget_dialog}?guest_token={quote(guest)}",
-             "https://evil.example"),
+             "https://evil.example", (4003, "origin not allowed for this assistant")),
         ):
-            with pytest.raises(DialogClosedError):
-                await DialogClient(url, origin=page, resume=False).connect()
+            # Refused on its failure path (the lines under test), not accepted and dropped.
+            assert await refusal(url, page) == expected, without_credentials(url)
 
     # Debug output, with a token in the query string and through a proxy header.
     debug = AsyncHTTPClient()
