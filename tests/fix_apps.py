@@ -150,6 +150,9 @@ async def refusal(
     if frame is not None:
         conn.close()
         raise AssertionError(f"{without_credentials(url)} was accepted: it sent {frame[:200]!r}")
+    # Our close reply is on its way; give the gateway the few loop turns it needs to read it
+    # and forget the socket, as DialogClient's slower path used to (callers check that).
+    await asyncio.sleep(0.05)
     return conn.close_code, conn.close_reason or ""
 
 
