@@ -79,10 +79,16 @@ def test_close_codes_are_replyx_protocol_close_codes() -> None:
 def test_frame_types_are_the_protocols_socket_frames() -> None:
     doc = document()
     names = {m["name"] for m in doc["components"]["messages"].values()}
-    # message_ref travels on NOTIFY only; health on /ws/health, the check's probe.
-    assert names == {t.value for t in FrameType} - {FrameType.MESSAGE_REF, FrameType.HEALTH}
+    # message_ref and the team changes travel on NOTIFY only; health on /ws/health, the
+    # check's probe.
+    notify_only = {FrameType.MESSAGE_REF, FrameType.HEALTH, FrameType.OPERATOR_ADDED,
+                   FrameType.OPERATOR_REMOVED}
+    assert names == {t.value for t in FrameType} - notify_only
+    dialog_frames = {"message", "typing", "ready", "read", "presence", "pong", "ping"}
+    inbox_frames = {"snapshot", "dialog", "ready", "pong", "ping"}
     for name, channel in doc["channels"].items():
-        assert set(channel["messages"]) == names, name
+        expected = inbox_frames if name == "inbox" else dialog_frames
+        assert set(channel["messages"]) == expected, name
         received = [op for op in doc["operations"].values()
                     if op["action"] == "receive" and op["channel"]["$ref"].endswith(name)]
         assert [m["$ref"].rsplit("/", 1)[1] for op in received for m in op["messages"]] == ["ping"]

@@ -20,6 +20,7 @@ import pytest
 
 from replyx_client import DialogClient, DialogClosedError, InboxClient
 from tests.fix_apps import Api, Sockets
+from tests.test_asyncapi import Frames, document
 from tests.fix_db import Tenant
 from ws_gateway.app import Gateway
 
@@ -117,6 +118,14 @@ async def test_each_inbox_holds_exactly_its_assistants_dialogs_live(
     assert read == {"type": "read", "dialog_id": widget_dialog, "side": "operator", "seq": 2}
     for inbox in (owner_inbox, member_inbox):
         await assert_inbox_matches_database(database_url, inbox)
+
+    # Every frame is one the protocol's document describes (docs/asyncapi.yaml).
+    inbox_frames, widget_frames = Frames(document(), "inbox"), Frames(document(), "widgetDialog")
+    for inbox in (owner_inbox, member_inbox, other_inbox):
+        for frame in inbox.frames:
+            inbox_frames.check(frame.data)
+    for frame in widget.frames:
+        widget_frames.check(frame.data)
 
     # The other tenant's operator learned nothing of any of it.
     await asyncio.sleep(0.3)

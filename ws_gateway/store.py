@@ -327,7 +327,8 @@ class PresenceStore:
 
 
 async def _notify_totals(
-    conn: asyncpg.Connection, assistants: list[int], dialogs: list[int], chunk: int
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+    assistants: list[int], dialogs: list[int], chunk: int,
 ) -> None:
     operators = [list(r) for r in await conn.fetch(_OPERATOR_TOTALS, assistants)]
     visitors = [list(r) for r in await conn.fetch(_VISITOR_TOTALS, dialogs)]

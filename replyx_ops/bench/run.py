@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -136,12 +136,13 @@ class Progress:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def get_json(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310
-        return json.loads(response.read())
+        data: dict[str, Any] = json.loads(response.read())
+        return data
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -264,13 +265,13 @@ class Bench:
         result["workload"] = asdict(work)
         return result
 
-    def open(self, group: str, specs: list[tuple[int, str, str | None]]) -> None:
+    def open(self, group: str, specs: Sequence[tuple[int, str, str | None]]) -> None:
         assert self.pool is not None
         opened = self.pool.open(group, specs)
         self.progress(f"  {opened['opened']} {group} sockets open in {opened['seconds']:.1f}s")
 
     def latency_phase(self, tenant: Tenant, dialogs: list[int],
-                      specs: list[tuple[int, str, str | None]], port: int) -> dict[str, Any]:
+                      specs: Sequence[tuple[int, str, str | None]], port: int) -> dict[str, Any]:
         assert self.pool is not None and self.poster is not None
         work, say = self.work, self.progress
         say(f"latency: opening {len(specs)} sockets on {len(dialogs)} dialogs")
@@ -436,7 +437,7 @@ class Bench:
             "lost": settled["lost"],
         }
 
-    def memory_phase(self, server: Server, specs: list[tuple[int, str, str | None]],
+    def memory_phase(self, server: Server, specs: Sequence[tuple[int, str, str | None]],
                      workers_only: bool) -> dict[str, Any]:
         assert self.pool is not None
         say = self.progress
