@@ -31,6 +31,7 @@ TIMEOUT = 30_000  # ms; generous, the machine is shared
 # Presence: an operator or visitor who leaves counts for 5 s more (the debounce), and each
 # socket gets at most one presence frame a second; leave room for a loaded machine.
 PRESENCE_TIMEOUT = 20_000
+VISITOR_MESSAGE = "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, 'visitor', %s)"
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def browser() -> Iterator[Any]:
 
 def dialogs_api(stack: Stack, tenant: Tenant) -> dict[int, dict[str, Any]]:
     """GET /api/dialogs: the operator's dialogs as the database has them."""
-    request = urllib.request.Request(
+    request = urllib.request.Request(  # noqa: S310 (the stack's own http:// URL)
         stack.api + "/api/dialogs?limit=1000", headers={"Authorization": f"Bearer {tenant.token}"}
     )
     with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
@@ -185,7 +186,8 @@ def test_panel_pages_older_dialogs_and_shows_any_writers_dialogs_live(
     tenant = make_tenant([web.nginx])
     # More dialogs than the inbox's snapshot holds (100), written as psql would.
     sql.execute(
-        "INSERT INTO dialogs (assistant_id, channel) SELECT %s, 'site' FROM generate_series(1, 105)",
+        "INSERT INTO dialogs (assistant_id, channel)"
+        " SELECT %s, 'site' FROM generate_series(1, 105)",
         (tenant.assistant_id,),
     )
     ids = [r[0] for r in sql.execute(
@@ -216,14 +218,33 @@ def test_panel_pages_older_dialogs_and_shows_any_writers_dialogs_live(
     # Any writer: a message typed in psql into the oldest dialog moves it to the top with
     # its badge; a dialog created in psql appears on top of that.
     oldest = ids[-1]
-    sql.execute("INSERT INTO messages (dialog_id, sender, text) VALUES (%s, 'visitor', 'from psql')",
-                (oldest,))
+    sql.execute(VISITOR_MESSAGE, (oldest, "from psql"))
     expect(rows.first).to_have_attribute("data-dialog", str(oldest), timeout=TIMEOUT)
     expect(rows.first.locator(".badge")).to_have_text("1")
-    new_id = sql.execute("INSERT INTO dialogs (assistant_id, channel) VALUES (%s, 'site') RETURNING id",
-                         (tenant.assistant_id,)).fetchone()[0]
+    created = sql.execute(
+        "INSERT INTO dialogs (assistant_id, channel) VALUES (%s, 'site') RETURNING id",
+        (tenant.assistant_id,),
+    ).fetchone()
+    assert created is not None
+    new_id = created[0]
     expect(rows.first).to_have_attribute("data-dialog", str(new_id), timeout=TIMEOUT)
     expect(rows).to_have_count(106)
     expect(admin.locator("#total")).to_have_text("106 of 106")
+
+    # The gateway restarts (1012) while a message is written: the inbox reconnects by
+    # itself and its fresh snapshot replaces the view (the newest 100 again, "older" back).
+    web.ctl("stop", "gateway")
+    expect(admin.locator("#inbox-status")).to_have_text("inbox reconnecting", timeout=TIMEOUT)
+    second = ids[-2]
+    sql.execute(VISITOR_MESSAGE, (second, "while down"))
+    web.ctl("start", "gateway")
+    expect(admin.locator("#inbox-status")).to_have_text("inbox live", timeout=TIMEOUT)
+    expect(rows.first).to_have_attribute("data-dialog", str(second), timeout=TIMEOUT)
+    expect(rows.first.locator(".badge")).to_have_text("1")
+    expect(rows).to_have_count(100)
+    expect(admin.locator("#total")).to_have_text("100 of 106")
+    expect(admin.locator("#older")).to_be_visible()
+    assert admin.evaluate("window.replyxInbox.snapshots") == 2
+    assert 1012 in admin.evaluate("window.replyxInbox.closeCodes")
     assert errors == []
     context.close()
