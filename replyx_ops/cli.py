@@ -20,7 +20,7 @@ from replyx.origins import normalize_origin
 from replyx.pg import EmbeddedPostgres, EmbeddedPostgresError, libpq_url, psql_binary
 from replyx.schema import SchemaMismatchError
 from replyx.settings import ConfigError, Settings
-from replyx_ops import check, stack, state
+from replyx_ops import chaos, check, stack, state
 from replyx_ops.bench import run as bench_run
 
 log = logging.getLogger("replyx")
@@ -264,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="the load and latency benchmark")
     p.set_defaults(func=bench_run.main)
     bench_run.add_arguments(p)
+
+    p = sub.add_parser("chaos", help="the seeded fault soak, checked against the database")
+    p.set_defaults(func=chaos.main)
+    chaos.add_arguments(p)
 
     p = sub.add_parser(
         "dsn", help="print the database URL in use (starts the stack's embedded server)")

@@ -1,0 +1,13 @@
+"""``replyx chaos``: the seeded fault soak (issue 15).
+
+* :mod:`.schedule` — the seeded schedule of faults; :mod:`.faults` — one class per fault kind;
+* :mod:`.stack` — the stack under test (``replyx run``) and its database; :mod:`.proxy` — the
+  TCP proxy between the gateway and Postgres;
+* :mod:`.clients` — the socket population; :mod:`.writers` — HTTP and SQL writers;
+* :mod:`.checker` — every socket against the database; :mod:`.report` — JSON and PNG;
+* :mod:`.soak` — one run from start to verdict; :mod:`.run` — the command.
+"""
+
+from replyx_ops.chaos.run import add_arguments, main
+
+__all__ = ["add_arguments", "main"]
