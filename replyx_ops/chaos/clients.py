@@ -166,8 +166,6 @@ class Subscriber:
     gave_up: tuple[int | None, str | None] | None = None
     started_at: float = 0.0
     ended_at: float | None = None
-    #: The next session's credential lifetime (token expiry faults shorten it once).
-    next_token_ttl: int | None = None
     _task: asyncio.Task[None] | None = None
 
     # -- running -----------------------------------------------------------------------
@@ -181,10 +179,9 @@ class Subscriber:
         try:
             while True:
                 session = ChaosDialogClient(
-                    self.kind.url(self.tenancy, self.dialog_id, self.next_token_ttl),
+                    self.kind.url(self.tenancy, self.dialog_id),
                     origin=self.kind.origin, since=since,
                 )
-                self.next_token_ttl = None
                 session.gate = self.gate
                 self.sessions.append(session)
                 with contextlib.suppress(Exception):
@@ -232,6 +229,18 @@ class Subscriber:
     def drop(self) -> None:
         if self.current is not None:
             self.current.drop()
+
+    def shorten_token(self, ttl: int) -> None:
+        """Reconnect now with a credential that expires in ``ttl`` seconds (kinds that have one).
+
+        The gateway then closes the socket with 4001 when it expires (or refuses it, if it
+        already has), and the subscriber renews it as a panel would.
+        """
+        current = self.current
+        if current is None or not self.kind.renewable:
+            return
+        current.url = self.kind.url(self.tenancy, self.dialog_id, ttl)
+        current.drop()
 
     @property
     def start_seq(self) -> int | None:

@@ -236,8 +236,7 @@ class TokenExpiry(Fault):
         subs = soak.population.pick(rng, rng.randint(1, 3), kind="admin")
         ttl = rng.randint(1, 3)
         for sub in subs:
-            sub.next_token_ttl = ttl
-            sub.drop()
+            sub.shorten_token(ttl)
         return {"clients": [s.name for s in subs], "ttl_s": ttl}
 
 
