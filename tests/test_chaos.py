@@ -9,6 +9,7 @@ least once, and must find nothing: no frame lost, duplicated or reordered.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -44,7 +45,7 @@ def test_same_seed_gives_the_same_schedule_and_every_kind_fits() -> None:
     for spec in KIND_SPECS:
         if spec.exclusive:
             spans = sorted((e.at, e.ends) for e in first if e.kind == spec.name)
-            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+            assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
 
 
 def test_the_command_prints_the_seeds_schedule(tmp_path: Path) -> None:
@@ -82,7 +83,7 @@ def _row(seq: int) -> checker.Row:
 
 def _subscriber(frames: list[list[dict[str, object]]], since: int | None = 0) -> Subscriber:
     """A subscriber of dialog 7 whose sessions received ``frames`` (never connected)."""
-    tenancy = Tenancy(tenant=None, ws_base="ws://unused", jwt_secret=b"x" * 32)  # type: ignore[arg-type]
+    tenancy = Tenancy(tenant=None, ws_base="ws://", jwt_secret=b"x" * 32)  # type: ignore[arg-type]
     sub = Subscriber("site-1", KINDS["site"], 7, since, tenancy)
     for session_frames in frames:
         session = ChaosDialogClient("ws://unused")
@@ -117,7 +118,8 @@ def test_checker_counts_lost_duplicated_reordered_mismatched_foreign_and_phantom
     asyncio.set_event_loop(asyncio.new_event_loop())
     sub = _subscriber([
         [_msg(1), _msg(3), _msg(2)],  # 2 after 3: reordered
-        [_msg(3), _msg(4, text="not the row"), _msg(1, dialog_id=8)],  # duplicate, mismatch, foreign
+        # a duplicate, a text that is not the row's, another dialog's frame
+        [_msg(3), _msg(4, text="not the row"), _msg(1, dialog_id=8)],
         [_msg(6, text="rolled back one")],  # 5 never came; 6's text was rolled back
     ])
     verdict = _verdict(sub, rolled_back={"rolled back one"})
@@ -130,6 +132,17 @@ def test_checker_counts_lost_duplicated_reordered_mismatched_foreign_and_phantom
     assert counts["lost"] == 1
     first = verdict.first()
     assert first is not None and first.kind == "reordered" and first.got["seq"] == 2
+
+
+def test_checker_starts_a_socket_without_since_where_its_replay_starts() -> None:
+    # Joining "from now on" at last seq 3 while seq 4 commits: 4 is replayed before ready.
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    ready = {"type": "ready", "dialog_id": 7, "last_seq": 4}
+    sub = _subscriber([[_msg(4), ready, _msg(5), _msg(6)]], since=None)
+    assert sub.start_seq == 3
+    assert _verdict(sub).ok
+    late = _subscriber([[ready, _msg(5), _msg(6)]], since=None)
+    assert late.start_seq == 4 and _verdict(late).ok
 
 
 def test_checker_wants_the_tail_at_the_end_and_only_a_prefix_before() -> None:

@@ -198,7 +198,22 @@ def check(subscribers: Iterable[Subscriber], snapshots: dict[str, list[Received]
     for sub in subscribers:
         check_subscriber(sub, snapshots.get(sub.name, []), truth, verdict, final=final,
                          rolled_back=writes.rolled_back)
+        if final:
+            check_other_frames(sub, verdict)
     return verdict
+
+
+def check_other_frames(sub: Subscriber, verdict: Verdict) -> None:
+    """Typing and ready frames: only the subscriber's dialog, and typing carries no seq."""
+    for r in sub.other_frames():
+        data = r.data
+        dialog_id = data.get("dialog_id")
+        if dialog_id is not None and dialog_id != sub.dialog_id:
+            verdict.add(Divergence("foreign", r.at, sub.name, sub.kind.name, sub.dialog_id,
+                                   r.session, {"dialog_id": sub.dialog_id}, data))
+        elif data.get("type") == "typing" and "seq" in data:
+            verdict.add(Divergence("mismatch", r.at, sub.name, sub.kind.name, sub.dialog_id,
+                                   r.session, "a typing frame without seq", data))
 
 
 async def check_writes(dsn: str, writes: WriteLog) -> dict[str, Any]:

@@ -244,12 +244,20 @@ class Subscriber:
 
     @property
     def start_seq(self) -> int | None:
-        """Where it asked to start: ``since``, or the first ``ready``'s ``last_seq``."""
+        """Where it started: ``since``; without one, the dialog's last seq when it joined.
+
+        That is the first ``ready``'s ``last_seq``, unless messages came before that
+        ``ready``: committed while the socket joined, they are part of its replay
+        (``ready`` comes after the replay), and it started just before the first.
+        """
         if self.since is not None:
             return self.since
         for session in self.sessions:
-            for frame in session.frames:
-                if frame.data.get("type") == "ready":
+            for frame in list(session.frames):
+                kind = frame.data.get("type")
+                if kind == "message" and isinstance(frame.data.get("seq"), int):
+                    return int(frame.data["seq"]) - 1
+                if kind == "ready":
                     return int(frame.data["last_seq"])
         return None
 
@@ -260,6 +268,12 @@ class Subscriber:
                 if frame.data.get("type") == "message":
                     out.append(Received(frame.data, frame.received_at, index))
         return out
+
+    def other_frames(self) -> list[Received]:
+        """Every frame that is not a message (ready, typing, pong): checked for isolation."""
+        return [Received(frame.data, frame.received_at, index)
+                for index, session in enumerate(self.sessions)
+                for frame in list(session.frames) if frame.data.get("type") != "message"]
 
     @property
     def last_seq(self) -> int | None:
@@ -288,7 +302,7 @@ class Population:
         self.subscribers.append(sub)
         return sub
 
-    def populate(self, extra_admins: int = 2) -> None:
+    def populate(self, extra_admins: int = 2, slow_reader: float = 0.05) -> None:
         """Per dialog: an operator panel and the visitor's widget or the site integration;
         a few more panels that join "from now on" (``since`` unset)."""
         for dialog_id in self.dialog_ids:
@@ -297,6 +311,8 @@ class Population:
             self.add(side, dialog_id, 0)
         for dialog_id in self.rng.sample(self.dialog_ids, min(extra_admins, len(self.dialog_ids))):
             self.add("admin", dialog_id, None)
+        # A reader that is always a little slow (a busy tab on a weak phone).
+        self.add("admin", self.rng.choice(self.dialog_ids), 0).gate.per_frame = slow_reader
 
     async def start_all(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         for sub in self.subscribers:

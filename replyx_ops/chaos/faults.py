@@ -100,14 +100,17 @@ class ListenerTerminate(Fault):
                     soak.db.url, autocommit=True, connect_timeout=3
                 ) as conn:
                     cur = await conn.execute(
-                        "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
-                        " WHERE application_name = %s AND datname = current_database()",
-                        (LISTENER_APPLICATION,))
-                    done = await cur.fetchall()
+                        "SELECT pid FROM pg_stat_activity"
+                        " WHERE application_name = %s AND datname = current_database()"
+                        " ORDER BY pid", (LISTENER_APPLICATION,))
+                    pids = [int(pid) for (pid,) in await cur.fetchall()]
+                    if pids:
+                        # One of them: with several gateways, each has its own.
+                        pid = rng.choice(pids)
+                        await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                        return {"pid": pid, "listeners": len(pids)}
             except psycopg.Error:
-                done = []
-            if done:
-                return {"pids": [int(pid) for pid, _ in done]}
+                pass  # Postgres is down (a crash is running): try again
             await asyncio.sleep(0.3)
         raise FaultSkipped("no LISTEN session to terminate")
 

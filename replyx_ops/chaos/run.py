@@ -18,6 +18,7 @@ from pathlib import Path
 from replyx.settings import Settings
 from replyx_ops.chaos import report
 from replyx_ops.chaos.soak import Plan, Soak
+from replyx_ops.chaos.stack import StackError
 
 #: The stack variable that makes ``replyx run`` start several gateways.
 GATEWAYS_VARIABLE = "REPLYX_GATEWAYS"
@@ -99,7 +100,11 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     progress = Progress()
     started = time.time()
     soak = Soak(settings, plan, run_dir, progress)
-    soak.run()
+    try:
+        soak.run()
+    except StackError as exc:
+        print(f"replyx chaos: {exc}", file=sys.stderr)
+        return 1
     result = report.build(soak, started, args.minutes)
     paths = report.save(result, soak, out)
     progress(f"done in {time.time() - started:.0f}s")

@@ -192,8 +192,13 @@ class Stack:
         return pid or None
 
     def gateway_pids(self) -> list[int]:
-        pid = self.program_pid("gateway")
-        return [pid] if pid else []
+        """Every running gateway (one today; ``gateway*`` programs once there are several)."""
+        try:
+            infos = self._rpc().supervisor.getAllProcessInfo()
+        except (OSError, xmlrpc.client.Fault):
+            return []
+        return sorted(int(info["pid"]) for info in infos
+                      if str(info.get("name", "")).startswith("gateway") and info.get("pid"))
 
     def backend_workers(self) -> list[int]:
         master = self.program_pid("backend")

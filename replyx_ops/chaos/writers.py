@@ -105,20 +105,22 @@ class HttpWriter(Writer):
         self.operator_token = operator_token
         self.client = AsyncHTTPClient(force_instance=True, max_clients=32)
 
-    def request(self, dialog_id: int, text: str) -> tuple[str, HTTPRequest]:
+    def request(self, dialog_id: int, text: str | None) -> tuple[str, HTTPRequest]:
+        """A message post (or, with ``text`` None, a typing event) by a random sender."""
         who = self.rng.choice(("operator", "visitor" if dialog_id in self.tenant.guest_tokens
                                else "site"))
         headers = {"Content-Type": "application/json"}
+        what = "messages" if text is not None else "typing"
         if who == "operator":
-            path = f"/api/dialogs/{dialog_id}/messages"
+            path = f"/api/dialogs/{dialog_id}/{what}"
             headers["Authorization"] = f"Bearer {self.operator_token}"
         elif who == "visitor":
-            path = f"/api/widget/dialogs/{dialog_id}/messages"
+            path = f"/api/widget/dialogs/{dialog_id}/{what}"
             headers["Authorization"] = f"Bearer {self.tenant.guest_tokens[dialog_id]}"
             headers["Origin"] = Tenant.ORIGIN
         else:
-            path = self.tenant.post_path(dialog_id)
-        body = orjson.dumps({"text": text})
+            path = self.tenant.post_path(dialog_id).replace("/messages?", f"/{what}?")
+        body = orjson.dumps({"text": text} if text is not None else {})
         return who, HTTPRequest(self.base_url + path, method="POST", body=body, headers=headers,
                                 connect_timeout=5, request_timeout=15)
 
@@ -145,7 +147,22 @@ class HttpWriter(Writer):
             self.log.count(f"http {response.code}")
 
     async def step(self) -> None:
-        await self.post(self.rng.choice(self.dialog_ids))
+        if self.rng.random() < 0.1:
+            await self.typing(self.rng.choice(self.dialog_ids))
+        else:
+            await self.post(self.rng.choice(self.dialog_ids))
+
+    async def typing(self, dialog_id: int) -> None:
+        """An ephemeral typing event: not stored, no seq; only its dialog may see it."""
+        _, request = self.request(dialog_id, None)
+        self.log.by_writer["http-typing"] = self.log.by_writer.get("http-typing", 0) + 1
+        try:
+            response = await self.client.fetch(request, raise_error=False)
+        except (OSError, HTTPClientError, TimeoutError) as exc:
+            self.log.count(f"typing {type(exc).__name__}")
+            return
+        if response.code >= 300:
+            self.log.count(f"typing {response.code}")
 
     async def volley(self, count: int) -> None:
         """``count`` posts at once (so that a worker killed now is killed mid-request)."""
