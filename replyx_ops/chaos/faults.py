@@ -202,18 +202,25 @@ class SlowClients(Fault):
 
 
 class StalledClients(Fault):
-    """A few sockets stop reading altogether (their buffers fill), then read again."""
+    """A few sockets stop reading altogether, then read again. Half the time a batch job
+    commits megabytes to their dialogs meanwhile, so their buffers overflow: the gateway
+    closes them with 4008 and they resume with ``since``."""
 
     spec = KindSpec("stalled_clients", (3.0, 12.0))
 
     async def inject(self, soak: Soak, event: FaultEvent, rng: random.Random) -> dict[str, Any]:
         subs = soak.population.pick(rng, rng.randint(1, 3))
+        flood = rng.random() < 0.5
         for sub in subs:
             sub.gate.open.clear()
+        flooded = 0
+        if flood:
+            await asyncio.sleep(min(0.5, event.duration / 4))
+            flooded = await soak.sql.flood(sorted({s.dialog_id for s in subs}), 40, 60_000)
         await asyncio.sleep(event.duration)
         for sub in subs:
             sub.gate.open.set()
-        return {"clients": [s.name for s in subs]}
+        return {"clients": [s.name for s in subs], "flood_bytes": flooded}
 
 
 class ConnectBurst(Fault):

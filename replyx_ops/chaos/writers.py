@@ -230,6 +230,31 @@ class SqlWriter(Writer):
                 await self.conn.close()
             self.conn = None
 
+    async def flood(self, dialog_ids: list[int], rows: int, size: int) -> int:
+        """Commit ``rows`` large rows to each dialog in one transaction (a batch import), on a
+        connection of its own; return the bytes written. Sized to overflow a stalled reader."""
+        texts = {d: [self.text() + " " + "f" * size for _ in range(rows)] for d in dialog_ids}
+        flat = [t for ts in texts.values() for t in ts]
+        committing = False
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, connect_timeout=3,
+                application_name="replyx-chaos-writer",
+            ) as conn, conn.cursor() as cur:
+                await cur.execute("BEGIN")
+                await cur.executemany(
+                    "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, 'system', %s)",
+                    [(d, t) for d, ts in texts.items() for t in ts])
+                committing = True
+                await cur.execute("COMMIT")
+        except psycopg.Error as exc:
+            (self.log.unknown if committing else self.log.rolled_back).update(flat)
+            self.log.count(f"flood {type(exc).__name__}")
+            return 0
+        self.log.acked.update(flat)
+        self.log.by_writer["sql-flood"] = self.log.by_writer.get("sql-flood", 0) + len(flat)
+        return sum(len(t) for t in flat)
+
     async def stop(self) -> None:
         await super().stop()
         if self.conn is not None:
