@@ -54,12 +54,18 @@ class GatewayKill(Fault):
     sig = signal.SIGKILL
 
     async def inject(self, soak: Soak, event: FaultEvent, rng: random.Random) -> dict[str, Any]:
-        pids = await asyncio.to_thread(soak.stack.gateway_pids)
-        if not pids:
-            pids = [await _wait_pid(soak.stack.gateway_pids)]
-        pid = rng.choice(pids)
-        os.kill(pid, self.sig)
-        return {"pid": pid}
+        for _ in range(3):
+            pids = await asyncio.to_thread(soak.stack.gateway_pids)
+            if not pids:
+                pids = [await _wait_pid(soak.stack.gateway_pids)]
+            pid = rng.choice(pids)
+            try:
+                os.kill(pid, self.sig)
+            except ProcessLookupError:
+                await asyncio.sleep(0.5)  # it died a moment ago (another fault): the next one
+                continue
+            return {"pid": pid}
+        raise FaultSkipped("the gateway kept dying before the signal")
 
 
 class GatewayTerm(GatewayKill):
@@ -81,7 +87,10 @@ class BackendWorkerKill(Fault):
         pid = rng.choice(sorted(workers))
         volley = asyncio.ensure_future(soak.http.volley(rng.randint(6, 12)))
         await asyncio.sleep(rng.uniform(0.01, 0.08))
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # gone already (gunicorn replaced it): the volley goes on regardless
         await volley
         return {"pid": pid}
 

@@ -23,7 +23,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import xmlrpc.client
 from pathlib import Path
 from typing import Any
@@ -214,11 +213,3 @@ class Stack:
             return int(psutil.Process(pid).memory_info().rss)
         return None
 
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
