@@ -138,6 +138,7 @@ def build(soak: Soak, started: float, minutes: float) -> dict[str, Any]:
             "unhealthy_s": round(0.5 * sum(1 for s in soak.samples if s.status != 200), 1),
         },
         "health_end": health_end,
+        "last_words": soak.result.get("last_words"),
         "proxy": {"accepted": dict(soak.stack.proxy.accepted), "cut": soak.stack.proxy.cuts},
         "checkpoints": soak.checkpoints,
         "stack": {"nginx": soak.stack.nginx, "database": "embedded" if soak.db.can_crash

@@ -19,6 +19,7 @@ from replyx_ops.bench.servers import Tenant
 from replyx_ops.chaos import checker
 from replyx_ops.chaos.clients import Population, Received, Tenancy
 from replyx_ops.chaos.faults import FAULTS, KIND_SPECS, FaultSkipped, apply_proxy_modes
+from replyx_ops.chaos.proxy import LISTENER
 from replyx_ops.chaos.schedule import FaultEvent, make_schedule
 from replyx_ops.chaos.stack import ChaosDatabase, Stack
 from replyx_ops.chaos.writers import HttpWriter, SqlWriter, WriteLog
@@ -152,6 +153,7 @@ class Soak:
             await self.http.stop()
             await self.sql.stop()
             await self.lift_faults(runner)
+            await self.last_words()
             await self.settle()
             await self.checkpoint(final=True)
             self.result["writes_check"] = await self.retry_db(
@@ -203,6 +205,32 @@ class Soak:
         for sub in self.population.subscribers:
             sub.gate.open.set()
             sub.gate.per_frame = 0.0
+
+    async def last_words(self) -> None:
+        """Every dialog's last message is committed while the LISTEN connection is cut off,
+        and nothing is written after it: only the listener's catch-up from the database can
+        deliver these (with writes going on, the next message's gap would hide its absence)."""
+        await self.wait_healthy(30)
+        proxy = self.stack.proxy
+        await asyncio.to_thread(proxy.blackhole, [LISTENER])
+        try:
+            await asyncio.sleep(0.2)
+            written = await self.sql.flood(self.population.dialog_ids, 1, 0)
+            await asyncio.sleep(0.5)  # the NOTIFYs now wait in the proxy, which drops them:
+            cut = await asyncio.to_thread(proxy.cut, [LISTENER])
+        finally:
+            await asyncio.to_thread(proxy.forward)
+        self.result["last_words"] = {"dialogs": len(self.population.dialog_ids),
+                                     "committed": bool(written), "listener_cut": cut}
+        self.say(f"last words: {self.result['last_words']}")
+
+    async def wait_healthy(self, timeout: float) -> bool:  # noqa: ASYNC109
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.samples and self.samples[-1].status == 200:
+                return True
+            await asyncio.sleep(0.25)
+        return False
 
     # -- checking ------------------------------------------------------------------------------
 

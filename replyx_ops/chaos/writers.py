@@ -233,7 +233,8 @@ class SqlWriter(Writer):
     async def flood(self, dialog_ids: list[int], rows: int, size: int) -> int:
         """Commit ``rows`` large rows to each dialog in one transaction (a batch import), on a
         connection of its own; return the bytes written. Sized to overflow a stalled reader."""
-        texts = {d: [self.text() + " " + "f" * size for _ in range(rows)] for d in dialog_ids}
+        texts = {d: [self.text() + (" " + "f" * size if size else "") for _ in range(rows)]
+                 for d in dialog_ids}
         flat = [t for ts in texts.values() for t in ts]
         committing = False
         try:
@@ -253,7 +254,7 @@ class SqlWriter(Writer):
             return 0
         self.log.acked.update(flat)
         self.log.by_writer["sql-flood"] = self.log.by_writer.get("sql-flood", 0) + len(flat)
-        return sum(len(t) for t in flat)
+        return sum(len(t) for t in flat)  # > 0: committed
 
     async def stop(self) -> None:
         await super().stop()
