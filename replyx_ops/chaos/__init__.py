@@ -4,7 +4,8 @@
 * :mod:`.stack` — the stack under test (``replyx run``) and its database; :mod:`.proxy` — the
   TCP proxy between the gateway and Postgres;
 * :mod:`.clients` — the socket population; :mod:`.writers` — HTTP and SQL writers;
-* :mod:`.checker` — every socket against the database; :mod:`.report` — JSON and PNG;
+* :mod:`.checker` — every socket against the database; :mod:`.report` — the JSON report,
+  :mod:`.plot` — its PNG timeline (a process of its own: matplotlib is slow to import);
 * :mod:`.soak` — one run from start to verdict; :mod:`.run` — the command.
 """
 

@@ -35,7 +35,11 @@ class Fault:
         raise NotImplementedError
 
 
-async def _wait_pid(lookup: Any, timeout: float = 15.0) -> int:  # noqa: ASYNC109
+#: How long a fault waits for its target (a process, a LISTEN session) to be there.
+TARGET_WAIT = 25.0
+
+
+async def _wait_pid(lookup: Any, timeout: float = TARGET_WAIT) -> int:  # noqa: ASYNC109
     """A pid from ``lookup()`` (run in a thread), waiting while the program restarts."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -102,7 +106,9 @@ class ListenerTerminate(Fault):
 
     async def inject(self, soak: Soak, event: FaultEvent, rng: random.Random) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 15
+        # Overlapping faults (a gateway restart during a Postgres crash) can keep the listener
+        # away for a while: wait for it rather than skip.
+        deadline = loop.time() + TARGET_WAIT
         while loop.time() < deadline:
             try:
                 async with await psycopg.AsyncConnection.connect(

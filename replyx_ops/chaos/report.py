@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -145,59 +147,27 @@ def build(soak: Soak, started: float, minutes: float) -> dict[str, Any]:
                   else "DATABASE_URL", "settings": plan.stack_env,
                   "run_dir": str(soak.run_dir)},
         "schedule": schedule,
+        # Every half second: t, gateway /health status, notification lag (ms), the gateway's
+        # socket count, our connected sockets, gateway RSS (MiB).
+        "timeline_fields": ["t", "status", "lag_ms", "gateway_sockets", "connected", "rss_mb"],
+        "timeline": [
+            [round(x.t, 2), x.status, x.lag_ms, x.gateway_sockets, x.connected,
+             round(x.rss / 2**20, 1) if x.rss else None] for x in soak.samples
+        ],
     }
 
 
-def save(report: dict[str, Any], soak: Soak, out: Path) -> list[Path]:
+def save(report: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"chaos-{time.strftime('%Y%m%d-%H%M%S')}-seed{report['seed']}"
     json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
     report["files"] = {"json": str(json_path), "png": str(png_path)}
-    plot(soak, report, png_path)
     json_path.write_text(json.dumps(report, indent=2) + "\n")
+    # matplotlib takes seconds to import: the plot runs in a process of its own rather than
+    # slowing every `replyx` command down (python -m replyx_ops.chaos.plot REPORT.json PNG).
+    done = subprocess.run([sys.executable, "-m", "replyx_ops.chaos.plot", str(json_path),
+                           str(png_path)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(f"replyx chaos: the plot failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
+        return [json_path]
     return [json_path, png_path]
-
-
-def plot(soak: Soak, report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    samples = soak.samples
-    fig, axes = plt.subplots(4, 1, figsize=(12, 9), sharex=True,
-                             gridspec_kw={"height_ratios": [2.2, 1.3, 1.3, 1]})
-    kinds = sorted({e["kind"] for e in report["schedule"]})
-    ax = axes[0]
-    for e in report["schedule"]:
-        if e["started"] is None:
-            continue
-        y = kinds.index(e["kind"])
-        width = max(0.4, (e["ended"] or e["started"]) - e["started"])
-        color = {"injected": "tab:red", "skipped": "tab:gray"}.get(e["outcome"], "black")
-        ax.broken_barh([(e["started"], width)], (y - 0.35, 0.7), color=color, alpha=0.8)
-    ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
-    ax.set_title(f"{report['command']} — lost {report['lost']}, duplicated"
-                 f" {report['duplicated']}, reordered {report['reordered']},"
-                 f" {'OK' if report['ok'] else 'FAILED'}", fontsize=10)
-    ax.axvline(soak.plan.soak_seconds, color="k", ls=":", lw=1)
-    t = [s.t for s in samples]
-    lag = [s.lag_ms if s.lag_ms is not None else float("nan") for s in samples]
-    axes[1].plot(t, lag, ".-", ms=2, lw=0.8, color="tab:blue")
-    for s in samples:
-        if s.status != 200:
-            axes[1].axvspan(s.t - 0.25, s.t + 0.25, color="tab:orange", alpha=0.25, lw=0)
-    axes[1].set_ylabel("notification\nlag ms")
-    axes[1].set_yscale("symlog", linthresh=10)
-    axes[2].plot(t, [s.connected for s in samples], lw=1, label="our connected sockets")
-    axes[2].plot(t, [s.gateway_sockets if s.gateway_sockets is not None else float("nan")
-                     for s in samples], lw=1, label="gateway /health sockets")
-    axes[2].set_ylabel("sockets")
-    axes[2].legend(fontsize=7, loc="upper right")
-    axes[3].plot(t, [s.rss / 2**20 if s.rss else float("nan") for s in samples], lw=1,
-                 color="tab:green")
-    axes[3].set_ylabel("gateway\nRSS MiB")
-    axes[3].set_xlabel("seconds since the soak started (orange: gateway /health not 200)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)

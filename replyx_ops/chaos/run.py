@@ -106,7 +106,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         print(f"replyx chaos: {exc}", file=sys.stderr)
         return 1
     result = report.build(soak, started, args.minutes)
-    paths = report.save(result, soak, out)
+    paths = report.save(result, out)
     progress(f"done in {time.time() - started:.0f}s")
     print(summary(result))
     for path in paths:
