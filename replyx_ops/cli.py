@@ -313,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"replyx: {exc}", file=sys.stderr)
         return 2
     logs.setup_logging(settings.log_level or "WARNING")
-    if args.command not in CREATING and args.command != "bench":
+    # The benchmark and the soak bring a stack and a database of their own.
+    if args.command not in CREATING and args.command not in ("bench", "chaos"):
         # Whatever directory this runs in: the stack's data dir, ports and database.
         settings = state.located(settings)
 
