@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from replyx_ops.chaos.faults import FAULTS, KIND_SPECS
 from replyx_ops.chaos.run import supports_gateways
 from replyx_ops.chaos.schedule import make_schedule
 from replyx_ops.chaos.writers import WriteLog
-from tests.fix_db import cluster_dir
+from tests.fix_db import child_environ, cluster_dir
 
 BIN = Path(sys.executable).parent
 SOAK_SEED = 15
@@ -53,7 +52,7 @@ def test_the_command_prints_the_seeds_schedule(tmp_path: Path) -> None:
         result = subprocess.run(
             [str(BIN / "replyx"), "chaos", "--minutes", "1", "--seed", str(SOAK_SEED),
              "--schedule-only"],
-            env={**os.environ, "REPLYX_DATA_DIR": str(tmp_path)},
+            env=child_environ(REPLYX_DATA_DIR=str(tmp_path)),
             capture_output=True, text=True, timeout=60, check=True,
         )
         return list(json.loads(result.stdout))
@@ -67,7 +66,7 @@ def test_the_command_prints_the_seeds_schedule(tmp_path: Path) -> None:
 def test_more_than_one_gateway_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(BIN / "replyx"), "chaos", "--minutes", "1", "--gateways", "2"],
-        env={**os.environ, "REPLYX_DATA_DIR": str(tmp_path)},
+        env=child_environ(REPLYX_DATA_DIR=str(tmp_path)),
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 2
@@ -161,10 +160,9 @@ def test_checker_wants_the_tail_at_the_end_and_only_a_prefix_before() -> None:
 def test_one_minute_soak_with_every_fault_loses_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out"
     # Outside pytest's tmp dirs: the embedded Postgres (run as pgserver under root) must reach
-    # it; and DATABASE_URL unset, so the soak has a server of its own it may crash.
+    # it; and no DATABASE_URL, so the soak has a server of its own that it may crash.
     with cluster_dir() as data_dir:
-        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-        env["REPLYX_DATA_DIR"] = str(data_dir)
+        env = child_environ(REPLYX_DATA_DIR=str(data_dir))
         started = time.monotonic()
         result = subprocess.run(
             [str(BIN / "replyx"), "chaos", "--minutes", "1", "--seed", str(SOAK_SEED), "--json",
