@@ -177,6 +177,7 @@ def test_one_minute_soak_with_every_fault_loses_nothing(tmp_path: Path) -> None:
     assert (report["lost"], report["duplicated"], report["reordered"]) == (0, 0, 0)
     assert report["mismatch"] == report["foreign"] == report["phantom"] == 0
     assert report["first_divergence"] is None
+    assert report["stale_inbox"] == 0 and report["inbox"]["updates"] > 0  # inbox = the rows
     assert {k for k, n in report["faults_injected"].items() if n >= 1} == set(FAULTS)
     assert report["messages_checked"] > report["rows"] > 100
     assert report["sockets"]["token_renewals"] >= 1  # a panel met 4001 and logged in again

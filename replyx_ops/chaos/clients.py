@@ -11,7 +11,7 @@ frames, which the checker compares with the database.
 A socket kind is a small class (:class:`SocketKind` subclasses): the URL and
 origin of its endpoint, which dialogs it may open, and whether a ``4001`` can be
 cured. The inbox and SSE streams, when they exist, are new kinds here (with their
-own check in :mod:`.checker`).
+own check; the inbox, whose view is a state rather than a stream, is :mod:`.inbox`).
 """
 
 from __future__ import annotations

@@ -101,6 +101,8 @@ def build(soak: Soak, started: float, minutes: float) -> dict[str, Any]:
         "health_end": bool(health_end) and all(v == 200 for v in health_end.values()),
         "rss": bool(rss.get("ok")),
         "faults": not any(v["error"] for v in faults.values()),
+        "inbox": not (soak.result.get("inbox") or {}).get("stale_entries")
+        and not (soak.result.get("inbox") or {}).get("gave_up"),
     }
     return {
         "command": f"replyx chaos --minutes {minutes:g} --seed {plan.seed}"
@@ -116,6 +118,8 @@ def build(soak: Soak, started: float, minutes: float) -> dict[str, Any]:
         "not_caught_up": verdict.not_caught_up if verdict else [],
         "gave_up": verdict.gave_up if verdict else {},
         "first_divergence": first_dict,
+        "stale_inbox": (soak.result.get("inbox") or {}).get("stale_entries", 0),
+        "inbox": soak.result.get("inbox"),
         "checkpoint_divergence": soak.result.get("checkpoint_divergence"),
         "messages_checked": verdict.messages_checked if verdict else 0,
         "rows": soak.result.get("rows"),

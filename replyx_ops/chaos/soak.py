@@ -16,7 +16,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from replyx.settings import Settings
 from replyx_ops.bench.servers import Tenant
-from replyx_ops.chaos import checker
+from replyx_ops.chaos import checker, inbox
 from replyx_ops.chaos.clients import Population, Received, Tenancy
 from replyx_ops.chaos.faults import FAULTS, KIND_SPECS, FaultSkipped, apply_proxy_modes
 from replyx_ops.chaos.proxy import LISTENER
@@ -33,6 +33,7 @@ class Plan:
     dialogs: int = 8
     http_rate: float = 8.0
     sql_rate: float = 3.0
+    inboxes: int = 2
     checkpoint_every: float = 20.0
     settle_timeout: float = 45.0
     nginx: bool = True
@@ -94,6 +95,7 @@ class Soak:
         self.http: HttpWriter
         self.sql: SqlWriter
         self.final_verdict: checker.Verdict | None = None
+        self.inboxes: list[inbox.InboxWatcher] = []
 
     def known_last_seq(self, dialog_id: int) -> int | None:
         return self.known.get(dialog_id)
@@ -134,6 +136,10 @@ class Soak:
                                self.tenant.operator_token)
         self.sql = SqlWriter(self.writes, random.Random(self.rng.random()), plan.sql_rate,
                              prefix, self.db.url, dialogs)
+        self.inboxes = [inbox.InboxWatcher(f"inbox-{i + 1}", tenancy)
+                        for i in range(plan.inboxes)]
+        for watcher in self.inboxes:
+            watcher.start()
         await self.population.start_all(60)
         self.say(f"{len(self.population.subscribers)} sockets live; soak starts")
         self.t0 = time.time()
@@ -156,6 +162,7 @@ class Soak:
             await self.last_words()
             await self.settle()
             await self.checkpoint(final=True)
+            await self.check_inboxes()
             self.result["writes_check"] = await self.retry_db(
                 lambda: checker.check_writes(self.db.url, self.writes))
             self.result["health_end"] = await self.health_end()
@@ -164,6 +171,8 @@ class Soak:
             with contextlib.suppress(asyncio.CancelledError):
                 await monitor
             await self.population.stop_all()
+            for watcher in self.inboxes:
+                await watcher.stop()
 
     # -- faults ------------------------------------------------------------------------------
 
@@ -274,6 +283,26 @@ class Soak:
             first = verdict.first()
             if first is not None:
                 self.result["checkpoint_divergence"] = first.as_dict(self.t0)
+
+    async def check_inboxes(self) -> None:
+        """Every inbox view must equal the dialogs' rows (waiting a little for the last
+        updates: the inbox has no since, only snapshots and live entries)."""
+        stale: list[dict[str, Any]] = []
+        for _ in range(20):
+            truth = await self.retry_db(
+                lambda: inbox.dialog_states(self.db.url, self.population.dialog_ids))
+            stale = inbox.stale_entries(self.inboxes, truth)
+            if not stale:
+                break
+            await asyncio.sleep(0.5)
+        self.result["inbox"] = {
+            "watchers": len(self.inboxes), "stale_entries": len(stale),
+            "first_stale": stale[0] if stale else None,
+            "gave_up": {w.name: w.gave_up for w in self.inboxes if w.gave_up},
+            **{k: sum(w.summary()[k] for w in self.inboxes)
+               for k in ("snapshots", "updates", "repeats", "renewals")},
+        }
+        self.say(f"inbox: {self.result['inbox']}")
 
     async def settle(self) -> None:
         """Wait until the gateway is healthy and every steady socket has the last row."""

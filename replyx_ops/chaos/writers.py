@@ -104,6 +104,8 @@ class HttpWriter(Writer):
         self.dialog_ids = dialog_ids
         self.operator_token = operator_token
         self.client = AsyncHTTPClient(force_instance=True, max_clients=32)
+        # The newest seq a 201 answered with, per dialog: what a reader marks as read.
+        self.seen: dict[int, int] = {}
 
     def request(self, dialog_id: int, text: str | None) -> tuple[str, HTTPRequest]:
         """A message post (or, with ``text`` None, a typing event) by a random sender."""
@@ -137,6 +139,9 @@ class HttpWriter(Writer):
             return
         if response.code == 201:
             self.log.acked.add(text)
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                seq = int(orjson.loads(response.body)["seq"])
+                self.seen[dialog_id] = max(seq, self.seen.get(dialog_id, 0))
         elif response.code >= 500 or response.code == 599:
             # 502 from nginx when a worker died mid-request: it may have committed.
             self.log.unknown.add(text)
@@ -147,10 +152,36 @@ class HttpWriter(Writer):
             self.log.count(f"http {response.code}")
 
     async def step(self) -> None:
-        if self.rng.random() < 0.1:
+        draw = self.rng.random()
+        if draw < 0.1:
             await self.typing(self.rng.choice(self.dialog_ids))
+        elif draw < 0.18 and self.seen:
+            await self.read(self.rng.choice(sorted(self.seen)))
         else:
             await self.post(self.rng.choice(self.dialog_ids))
+
+    async def read(self, dialog_id: int) -> None:
+        """The operator (or the visitor) marks the dialog read up to a seq it has seen."""
+        seq = self.seen[dialog_id]
+        headers = {"Content-Type": "application/json"}
+        if dialog_id in self.tenant.guest_tokens and self.rng.random() < 0.5:
+            path = f"/api/widget/dialogs/{dialog_id}/read"
+            headers["Authorization"] = f"Bearer {self.tenant.guest_tokens[dialog_id]}"
+            headers["Origin"] = Tenant.ORIGIN
+        else:
+            path = f"/api/dialogs/{dialog_id}/read"
+            headers["Authorization"] = f"Bearer {self.operator_token}"
+        self.log.by_writer["http-read"] = self.log.by_writer.get("http-read", 0) + 1
+        request = HTTPRequest(self.base_url + path, method="POST", headers=headers,
+                              body=orjson.dumps({"seq": seq}), connect_timeout=5,
+                              request_timeout=15)
+        try:
+            response = await self.client.fetch(request, raise_error=False)
+        except (OSError, HTTPClientError, TimeoutError) as exc:
+            self.log.count(f"read {type(exc).__name__}")
+            return
+        if response.code >= 300:
+            self.log.count(f"read {response.code}")
 
     async def typing(self, dialog_id: int) -> None:
         """An ephemeral typing event: not stored, no seq; only its dialog may see it."""
