@@ -12,16 +12,30 @@ import asyncio
 import os
 import random
 import signal
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import psycopg
 
 from replyx.protocol import LISTENER_APPLICATION
+from replyx_ops.chaos.clients import Population
 from replyx_ops.chaos.proxy import CLASSES, SCOPES
 from replyx_ops.chaos.schedule import FaultEvent, KindSpec
+from replyx_ops.chaos.stack import ChaosDatabase, Stack
+from replyx_ops.chaos.writers import HttpWriter, SqlWriter
 
-if TYPE_CHECKING:
-    from replyx_ops.chaos.soak import Soak
+
+class Soak(Protocol):
+    """What a fault acts on: the soak (:class:`replyx_ops.chaos.soak.Soak`) as faults see it."""
+
+    stack: Stack
+    db: ChaosDatabase
+    population: Population
+    http: HttpWriter
+    sql: SqlWriter
+    #: Active proxy faults: (event index, scope, mode, delay); see :func:`apply_proxy_modes`.
+    proxy_faults: list[tuple[int, str, str, float]]
+
+    def known_last_seq(self, dialog_id: int) -> int | None: ...
 
 
 class FaultSkipped(Exception):

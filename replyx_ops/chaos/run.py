@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from replyx.settings import Settings
-from replyx_ops.chaos import report
+from replyx_ops.chaos.report import build, save
 from replyx_ops.chaos.soak import Plan, Soak
 from replyx_ops.chaos.stack import StackError
 
@@ -105,8 +105,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     except StackError as exc:
         print(f"replyx chaos: {exc}", file=sys.stderr)
         return 1
-    result = report.build(soak, started, args.minutes)
-    paths = report.save(result, out)
+    result = build(soak, started, args.minutes)
+    paths = save(result, out)
     progress(f"done in {time.time() - started:.0f}s")
     print(summary(result))
     for path in paths:

@@ -16,9 +16,10 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from replyx.settings import Settings
 from replyx_ops.bench.servers import Tenant
-from replyx_ops.chaos import checker, inbox
+from replyx_ops.chaos.checker import Truth, Verdict, check, check_writes
 from replyx_ops.chaos.clients import Population, Received, Tenancy
 from replyx_ops.chaos.faults import FAULTS, KIND_SPECS, FaultSkipped, apply_proxy_modes
+from replyx_ops.chaos.inbox import InboxWatcher, dialog_states, stale_entries
 from replyx_ops.chaos.proxy import LISTENER
 from replyx_ops.chaos.schedule import FaultEvent, make_schedule
 from replyx_ops.chaos.stack import ChaosDatabase, Stack
@@ -94,8 +95,8 @@ class Soak:
         self.population: Population
         self.http: HttpWriter
         self.sql: SqlWriter
-        self.final_verdict: checker.Verdict | None = None
-        self.inboxes: list[inbox.InboxWatcher] = []
+        self.final_verdict: Verdict | None = None
+        self.inboxes: list[InboxWatcher] = []
 
     def known_last_seq(self, dialog_id: int) -> int | None:
         return self.known.get(dialog_id)
@@ -136,7 +137,7 @@ class Soak:
                                self.tenant.operator_token)
         self.sql = SqlWriter(self.writes, random.Random(self.rng.random()), plan.sql_rate,
                              prefix, self.db.url, dialogs)
-        self.inboxes = [inbox.InboxWatcher(f"inbox-{i + 1}", tenancy)
+        self.inboxes = [InboxWatcher(f"inbox-{i + 1}", tenancy)
                         for i in range(plan.inboxes)]
         for watcher in self.inboxes:
             watcher.start()
@@ -164,7 +165,7 @@ class Soak:
             await self.checkpoint(final=True)
             await self.check_inboxes()
             self.result["writes_check"] = await self.retry_db(
-                lambda: checker.check_writes(self.db.url, self.writes))
+                lambda: check_writes(self.db.url, self.writes))
             self.result["health_end"] = await self.health_end()
         finally:
             monitor.cancel()
@@ -259,17 +260,17 @@ class Soak:
     async def checkpoint(self, *, final: bool) -> None:
         snapshots = self.snapshot()  # before the truth is read: every frame is committed
         try:
-            truth = await checker.Truth.read(self.db.url, self.population.dialog_ids)
+            truth = await Truth.read(self.db.url, self.population.dialog_ids)
         except Exception as exc:
             if final:
                 truth = await self.retry_db(
-                    lambda: checker.Truth.read(self.db.url, self.population.dialog_ids))
+                    lambda: Truth.read(self.db.url, self.population.dialog_ids))
             else:
                 self.checkpoints.append({"t": round(time.time() - self.t0, 1),
                                          "skipped": f"database unreachable ({type(exc).__name__})"})
                 return
         self.known = dict(truth.last_seq)
-        verdict = checker.check(self.population.subscribers, snapshots, truth, self.writes,
+        verdict = check(self.population.subscribers, snapshots, truth, self.writes,
                                 final=final)
         entry = {"t": round(time.time() - self.t0, 1), "final": final,
                  "rows": truth.total(), "messages_checked": verdict.messages_checked,
@@ -290,8 +291,8 @@ class Soak:
         stale: list[dict[str, Any]] = []
         for _ in range(20):
             truth = await self.retry_db(
-                lambda: inbox.dialog_states(self.db.url, self.population.dialog_ids))
-            stale = inbox.stale_entries(self.inboxes, truth)
+                lambda: dialog_states(self.db.url, self.population.dialog_ids))
+            stale = stale_entries(self.inboxes, truth)
             if not stale:
                 break
             await asyncio.sleep(0.5)
@@ -311,7 +312,7 @@ class Soak:
         while time.monotonic() < deadline:
             await self.population.expire_bursts()
             try:
-                truth = await checker.Truth.read(self.db.url, self.population.dialog_ids)
+                truth = await Truth.read(self.db.url, self.population.dialog_ids)
             except Exception:
                 await asyncio.sleep(0.5)
                 continue
