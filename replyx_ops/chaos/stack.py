@@ -34,7 +34,7 @@ from supervisor.xmlrpc import SupervisorTransport
 from replyx import schema
 from replyx.pg import EmbeddedPostgres, libpq_url, with_database
 from replyx.settings import Settings
-from replyx_ops.bench.run import free_port
+from replyx_ops.bench.measure import free_port
 from replyx_ops.bench.servers import BenchDatabase
 from replyx_ops.chaos.proxy import PgProxy, postgres_target, via_proxy
 from replyx_ops.stack import ROOT, nginx_available, wait_for
