@@ -270,8 +270,6 @@ def test_token_from_the_data_dir_alone_opens_a_socket_of_the_stack(bare: Stack) 
 # -- item 8: the sync endpoint on a dialog that does not exist --------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="ws_gateway/handlers/debug.py belongs to the gateway"
-                   " refactor in progress; its two-line fix is in the h4-newcomer report")
 @pytest.mark.gen_test
 async def test_sync_of_a_dialog_that_does_not_exist_is_404(gateway: Gateway) -> None:
     response = await AsyncHTTPClient().fetch(

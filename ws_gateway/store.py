@@ -190,8 +190,11 @@ class GatewayStore:
         assert row is not None
         return list(row[0]), int(row[1]), list(row[2])
 
-    async def last_seq(self, dialog_id: int) -> int:
-        return int(await self.pool.fetchval(_LAST_SEQ, dialog_id) or 0)
+    async def existing_last_seq(self, dialog_id: int) -> int | None:
+        """The dialog's last seq, or None when there is no such dialog."""
+        value = await self.pool.fetchval(_LAST_SEQ, dialog_id)
+        return None if value is None else int(value)
+
 
     async def messages_after(
         self, dialog_id: int, since: int, limit: int

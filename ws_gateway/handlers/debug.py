@@ -78,7 +78,9 @@ class SyncHandler(GatewayHandler):
         store = self.parts.store
         if user_id is not None and not await store.operator_dialog_ids(user_id, [dialog_id]):
             raise ApiError(404, "dialog not found")
-        db_last_seq = await store.last_seq(dialog_id)
+        db_last_seq = await store.existing_last_seq(dialog_id)
+        if db_last_seq is None:
+            raise ApiError(404, "dialog not found")
         subs = list(self.parts.router.sockets_of(dialog_id))
         kinds = Counter(sub.kind for sub in subs)
         delivered = [sub.sent_seq for sub in subs]
