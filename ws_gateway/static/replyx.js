@@ -221,6 +221,7 @@
     var url = sseUrl(this.url);
     if (this.lastSeq !== null) url += (url.indexOf('?') >= 0 ? '&' : '?') + 'since=' + this.lastSeq;
     this._setState(this.connects === 0 ? 'connecting' : 'reconnecting');
+    if (this._es) this._es.close();  // 'online' while the browser was still retrying it
     var es = new EventSource(url);
     var opened = false;
     this._es = es;
