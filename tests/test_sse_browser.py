@@ -1,4 +1,5 @@
-"""The widget page in Chromium with no WebSocket at all: it lives on server-sent events.
+"""SSE through the real stack: nginx's /sse/ route, and the widget page in Chromium with no
+WebSocket at all, living on server-sent events.
 
 One ``replyx run`` stack (supervisord, gunicorn, the gateway, nginx) serves the
 module. The page's ``WebSocket`` constructor is removed before any script runs,
@@ -11,6 +12,7 @@ it got, which the page's URL (``since=0``) could not have told it.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import urllib.request
@@ -21,6 +23,9 @@ from typing import Any
 import orjson
 import pytest
 
+from replyx_client import DialogClient, DialogClosedError
+from tests.checks import assert_match_database
+from tests.fix_apps import Api, Sockets
 from tests.fix_stack import Stack
 
 CHROMIUM = "/usr/bin/chromium"
@@ -39,8 +44,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterat
 
 
 def gateway_log(stack: Stack) -> str:
-    path = stack.data_dir / "log" / "gateway.log"
-    return path.read_text(errors="replace") if path.exists() else ""
+    return logs(stack, "gateway")
 
 
 def test_widget_without_websocket_gets_every_message_across_a_gateway_restart(
@@ -127,3 +131,57 @@ def test_widget_without_websocket_gets_every_message_across_a_gateway_restart(
         text = path.read_text(errors="replace")
         for secret in (guest, tenant.token, tenant.site_token):
             assert secret not in text, path
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_nginx_streams_sse_unbuffered_and_logs_no_token(
+    stack: Stack, make_tenant: Any, database_url: str
+) -> None:
+    tenant = make_tenant()
+    api = Api(stack.nginx)
+    sockets = Sockets(stack.nginx.replace("http://", "ws://"))
+    dialog_id, guest = await api.widget_dialog(tenant)
+    clients = [
+        await sockets.open(sockets.admin_url(tenant, dialog_id), transport="sse", since=0),
+        await sockets.open(sockets.widget_url(tenant, dialog_id, guest),
+                           origin=tenant.domains[0], transport="sse", since=0),
+    ]
+    for i in range(3):
+        await api.post_widget(dialog_id, guest, f"through nginx {i}")
+    await assert_match_database(database_url, dialog_id, clients)
+    # The origin rule holds behind the proxy: one close event with the socket's code.
+    assert await sockets.refused(sockets.widget_url(tenant, dialog_id, guest),
+                                 origin="https://evil.example") == 4003
+    refused = DialogClient(sockets.widget_url(tenant, dialog_id, guest), resume=False,
+                           origin="https://evil.example", transport="sse")
+    with pytest.raises(DialogClosedError) as closed:
+        await refused.connect()
+    assert closed.value.code == 4003
+
+    # Not buffered, not compressed: the head and the first events arrive at once.
+    host, port = "127.0.0.1", stack.nginx_port
+    reader, writer = await asyncio.open_connection(host, port)
+    path = DialogClient(sockets.admin_url(tenant, dialog_id), transport="sse").stream_url
+    target = path.split(f":{port}", 1)[1]
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                 "Accept-Encoding: gzip\r\nAccept: text/event-stream\r\n\r\n".encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    body = await asyncio.wait_for(reader.readuntil(b'"type":"ready"'), 10)
+    writer.close()
+    assert b" 200 " in head.split(b"\r\n")[0] and b"text/event-stream" in head
+    assert b"content-encoding" not in head.lower() and b"id: 3\ndata: {" in body
+    await sockets.close_all()
+
+    deadline = time.monotonic() + 10
+    while f"GET /sse/widget/dialogs/{dialog_id} " not in logs(stack, "nginx"):
+        assert time.monotonic() < deadline, logs(stack, "nginx")[-2000:]
+        await asyncio.sleep(0.2)
+    for name in ("nginx", "gateway"):
+        for secret in (tenant.token, guest):
+            assert secret not in logs(stack, name)
+
+
+def logs(stack: Stack, name: str) -> str:
+    path = stack.data_dir / "log" / f"{name}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
