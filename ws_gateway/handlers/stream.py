@@ -60,6 +60,7 @@ class DialogStream(Session):
 
     async def get(self, raw_id: str = "") -> None:
         stream = self.detach()
+        self.application.log_request(self)  # the access line a socket's 101 gets (redacted)
         transport = self.make_transport(stream)
         stream.set_close_callback(self.ended)
         streams = self.parts.streams
