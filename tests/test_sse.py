@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 import psycopg
 import pytest
 from tornado.httpclient import AsyncHTTPClient
@@ -22,9 +23,10 @@ from tornado.ioloop import IOLoop
 
 from replyx_client import DialogClient, InboxClient
 from replyx_client.sse import sse_connect
-from tests.checks import assert_match_database, get_json, site_poster
-from tests.fix_apps import Api, Sockets
+from tests.consistency import assert_match_database, site_poster
+from tests.fix_apps import Api, Sockets, refusal
 from tests.fix_db import Tenant, make_settings
+from tests.net import get_json
 from ws_gateway.app import Gateway
 
 SSE: dict[str, Any] = {"transport": "sse"}
@@ -258,12 +260,14 @@ async def test_refusals_are_one_close_event_with_the_sockets_code(
         (sockets.base + "/ws/inbox?token=bad", None, 4001),
     ]
     for url, origin, code in cases:
-        assert await sockets.refused(url, origin=origin) == code, url
+        ws_code, ws_reason = await refusal(url, origin)
+        assert ws_code == code, url
         headers = {"Origin": origin} if origin else None
         body = await raw_stream(sse_url(url), headers, until=b"\0")
-        prefix = b"event: close\ndata: {\"code\":%d," % code
         events = [e for e in body.split(b"\n\n") if e and not e.startswith(b"retry:")]
-        assert len(events) == 1 and events[0].startswith(prefix), (url, body)
+        # One event, and it is the socket's close: the same code and the same reason.
+        assert events == [b"event: close\ndata: " + orjson.dumps(
+            {"code": code, "reason": ws_reason})], (url, body)
     assert "transport=sse" in caplog.text and "WEBSOCKET_4003_ERROR" in caplog.text
     for secret in (tenant.token, other.token, guest, tenant.site_token, other.site_token):
         assert secret not in caplog.text

@@ -1,13 +1,14 @@
 """SSE through the real stack: nginx's /sse/ route, and the widget page in Chromium with no
 WebSocket at all, living on server-sent events.
 
-One ``replyx run`` stack (supervisord, gunicorn, the gateway, nginx) serves the
-module. The page's ``WebSocket`` constructor is removed before any script runs,
-so ``replyx.js`` goes straight to EventSource on ``/sse/`` through nginx. The
-gateway then restarts: the stream ends with ``event: close`` 1012, and the
-browser's *own* EventSource reconnect (the same object, never replaced by
-replyx.js) resumes with ``Last-Event-ID`` — the gateway logs the resume point
-it got, which the page's URL (``since=0``) could not have told it.
+One ``replyx run`` stack (``tests/fix_stack.py``'s module ``stack``: supervisord,
+gunicorn, the gateway, nginx) serves the module. The page's ``WebSocket``
+constructor is removed before any script runs, so ``replyx.js`` goes straight
+to EventSource on ``/sse/`` through nginx. The gateway then restarts: the
+stream ends with ``event: close`` 1012, and the browser's *own* EventSource
+reconnect (the same object, never replaced by replyx.js) resumes with
+``Last-Event-ID`` — the gateway logs the resume point it got, which the page's
+URL (``since=0``) could not have told it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import asyncio
 import re
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import orjson
 import pytest
 
 from replyx_client import DialogClient, DialogClosedError
-from tests.checks import assert_match_database
+from tests.consistency import assert_match_database
 from tests.fix_apps import Api, Sockets
 from tests.fix_stack import Stack
 
@@ -34,13 +34,6 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 NO_WEBSOCKET = "delete window.WebSocket; window.WebSocket = undefined;"
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[Stack]:
-    s = Stack(tmp_path_factory.mktemp("sse-browser"), database_url).start("--no-demo")
-    yield s
-    s.stop()
 
 
 def gateway_log(stack: Stack) -> str:
