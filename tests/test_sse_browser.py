@@ -34,6 +34,20 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 NO_WEBSOCKET = "delete window.WebSocket; window.WebSocket = undefined;"
+# A network whose proxy breaks the upgrade: every socket fails before it opens (1006).
+BLOCKED_UPGRADE = """
+window.WebSocket = function (url) {
+  var ws = this;
+  ws.readyState = 0;
+  ws.send = function () { throw new Error('not open'); };
+  ws.close = function () {};
+  setTimeout(function () {
+    ws.readyState = 3;
+    if (ws.onerror) ws.onerror({type: 'error'});
+    if (ws.onclose) ws.onclose({code: 1006, reason: '', wasClean: false});
+  }, 20);
+};
+"""
 
 
 def gateway_log(stack: Stack) -> str:
@@ -124,6 +138,30 @@ def test_widget_without_websocket_gets_every_message_across_a_gateway_restart(
         text = path.read_text(errors="replace")
         for secret in (guest, tenant.token, tenant.site_token):
             assert secret not in text, path
+
+
+def test_widget_falls_back_to_sse_when_the_upgrade_fails(stack: Stack, make_tenant: Any) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    tenant = make_tenant([stack.nginx])
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context()
+            context.add_init_script(BLOCKED_UPGRADE)
+            page = context.new_page()
+            page.goto(f"{stack.nginx}/demo/widget.html?assistant_id={tenant.assistant_id}")
+            expect(page.locator("#status")).to_have_text("live", timeout=30_000)
+            dialog = page.evaluate("({t: window.replyxDialog.transportInUse,"
+                                   " codes: window.replyxDialog.closeCodes})")
+            # One failed upgrade, then the event stream, with no help from the page.
+            assert dialog == {"t": "sse", "codes": [1006]}
+            page.fill("#text", "over the fallback")
+            page.press("#text", "Enter")
+            expect(page.locator("#messages li .text")).to_have_text(["over the fallback"],
+                                                                    timeout=30_000)
+        finally:
+            browser.close()
 
 
 @pytest.mark.gen_test(timeout=60)
