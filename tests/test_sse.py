@@ -28,6 +28,8 @@ from tests.fix_apps import Api, Sockets, refusal
 from tests.fix_db import Tenant, make_settings
 from tests.net import get_json
 from ws_gateway.app import Gateway
+from ws_gateway.frames import text_frame
+from ws_gateway.sse import close_event, render, ws_payload
 
 SSE: dict[str, Any] = {"transport": "sse"}
 INSERT = "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, %s, %s)"
@@ -365,3 +367,16 @@ async def test_inbox_over_sse_snapshot_then_live(
     await api.post_site(tenant, dialog_id, "hello inbox")
     await inbox.wait_until(lambda: inbox.dialogs[dialog_id]["last_seq"] == 1, 10, "update")
 
+
+
+def test_rendering_of_frames_as_events() -> None:
+    for size in (10, 200, 70_000):  # the three RFC 6455 length encodings
+        payload = b'{"type":"message","seq":7,"text":"%s"}' % (b"x" * size)
+        assert render(ws_payload(text_frame(payload))) == b"id: 7\ndata: " + payload + b"\n\n"
+    assert render(b'{"type":"ready","dialog_id":1,"last_seq":0}').startswith(b"id: 0\n")
+    assert render(b'{"type":"ready"}') == b'data: {"type":"ready"}\n\n'  # the inbox's: no id
+    assert render(b'{"type":"read","dialog_id":1,"side":"visitor","seq":3}').startswith(b"data:")
+    # Raw line breaks between JSON tokens (a hand-made NOTIFY): one data line each.
+    assert render(b'{"type":"message",\r\n"seq":3}') == (
+        b'id: 3\ndata: {"type":"message",\ndata: "seq":3}\n\n')
+    assert close_event(4008, "slow") == b'event: close\ndata: {"code":4008,"reason":"slow"}\n\n'
