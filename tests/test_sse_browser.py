@@ -164,6 +164,43 @@ def test_widget_falls_back_to_sse_when_the_upgrade_fails(stack: Stack, make_tena
             browser.close()
 
 
+def test_admin_page_without_websocket_lives_on_sse(stack: Stack, make_tenant: Any) -> None:
+    """The operator panel too: the inbox (/sse/inbox) and the open dialog, no WebSocket."""
+    from playwright.sync_api import expect, sync_playwright
+
+    tenant = make_tenant([stack.nginx])
+    timeout = 30_000
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context()
+            context.add_init_script(NO_WEBSOCKET)
+            errors: list[str] = []
+            widget, admin = context.new_page(), context.new_page()
+            for page in (widget, admin):
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+            widget.goto(f"{stack.nginx}/demo/widget.html?assistant_id={tenant.assistant_id}")
+            expect(widget.locator("#status")).to_have_text("live", timeout=timeout)
+            dialog_id = widget.locator("#dialog").get_attribute("data-dialog")
+            admin.goto(f"{stack.nginx}/demo/admin.html#dialog={dialog_id}")
+            admin.fill("#email", tenant.email)
+            admin.fill("#password", tenant.password)
+            admin.click("#login-button")
+            expect(admin.locator("#inbox-status")).to_have_text("inbox live", timeout=timeout)
+            expect(admin.locator("#status")).to_have_text("live", timeout=timeout)
+            for page, text in ((widget, "hello from the visitor"), (admin, "hello back")):
+                page.fill("#text", text)
+                page.press("#text", "Enter")
+                expect(page.locator("#text")).to_have_value("", timeout=timeout)
+            for page in (widget, admin):
+                expect(page.locator("#messages li .text")).to_have_text(
+                    ["hello from the visitor", "hello back"], timeout=timeout)
+            assert admin.evaluate("window.replyxDialog.transportInUse") == "sse"
+            assert errors == []
+        finally:
+            browser.close()
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_nginx_streams_sse_unbuffered_and_logs_no_token(
     stack: Stack, make_tenant: Any, database_url: str

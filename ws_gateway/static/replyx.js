@@ -475,15 +475,19 @@
     if (global.removeEventListener) global.removeEventListener('online', this._onOnline);
     if (this._ws) this._ws.close(1000, 'bye');
     this._ws = null;
+    if (this._es) this._es.close();  // SSE fallback (see _openSse)
+    this._es = null;
     this._setState('closed');
   };
 
   Inbox.prototype._open = function () {
     var self = this;
+    if (this._useSse || typeof global.WebSocket !== 'function') return this._openSse();
     this._setState(this.connects === 0 ? 'connecting' : 'reconnecting');
     var ws = new WebSocket(this.url);
+    var opened = false;
     this._ws = ws;
-    ws.onopen = function () { self.connects += 1; };
+    ws.onopen = function () { opened = self._wsWorked = true; self.connects += 1; };
     ws.onmessage = function (event) {
       if (ws === self._ws) self._frame(ws, event.data);
     };
@@ -493,6 +497,11 @@
       self._stopPinger();
       self.closeCodes.push(event.code);
       if (self._stopped) return;
+      if (!opened && !self._wsWorked && typeof global.EventSource === 'function') {
+        self._useSse = true;  // no socket ever upgraded here: try the event stream
+        self._open();
+        return;
+      }
       if (self.fatalCodes[event.code]) {
         self._stopped = true;
         self._setState('closed');
@@ -500,6 +509,41 @@
         return;
       }
       self._setState('reconnecting');
+      self._schedule();
+    };
+  };
+
+  // -- Inbox over server-sent events: /sse/inbox, when WebSockets cannot be used --
+  // Like Dialog's fallback; there is no resume point: every (re)connect, the browser's
+  // own included, starts with a fresh snapshot.
+  Inbox.prototype._openSse = function () {
+    var self = this;
+    this._setState(this.connects === 0 ? 'connecting' : 'reconnecting');
+    if (this._es) this._es.close();
+    var es = new EventSource(sseUrl(this.url));
+    this._es = es;
+    es.onopen = function () { if (es === self._es) self.connects += 1; };
+    es.onmessage = function (event) { if (es === self._es) self._frame(null, event.data); };
+    es.addEventListener('close', function (event) {
+      if (es !== self._es) return;
+      var info = {};
+      try { info = JSON.parse(event.data); } catch (err) { /* keep {} */ }
+      self.closeCodes.push(info.code);
+      if (self.fatalCodes[info.code]) {
+        es.close();
+        self._es = null;
+        self._stopped = true;
+        self._setState('closed');
+        self._emit('closed', {code: info.code, reason: info.reason});
+        return;
+      }
+      self._setState('reconnecting');  // the browser reconnects by itself
+    });
+    es.onerror = function () {
+      if (es !== self._es || self._stopped) return;
+      self._setState('reconnecting');
+      if (es.readyState !== EventSource.CLOSED) return;  // the browser is retrying
+      self._es = null;
       self._schedule();
     };
   };
@@ -528,7 +572,7 @@
       this._upsert(data, true);
     } else if (data.type === 'ready') {
       this._delay = this.backoffInitial;
-      this._startPinger(ws);
+      if (ws) this._startPinger(ws);
       this._setState('live');
       this._emit('ready');
     }
