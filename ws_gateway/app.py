@@ -29,20 +29,21 @@ from replyx.pg import libpq_url
 from replyx.protocol import GATEWAY_APPLICATION, NOTIFY_CHANNEL, CloseCode, SocketKind
 from replyx.settings import Settings
 from ws_gateway.consumer import Consumer, WriteBatch
-from ws_gateway.handlers.admin import AdminSocket
+from ws_gateway.handlers.admin import AdminSocket, AdminStream
 from ws_gateway.handlers.debug import StatusHandler, SyncHandler
 from ws_gateway.handlers.health import HealthHandler, HealthSocket, health
 from ws_gateway.handlers.http import NotFoundHandler
-from ws_gateway.handlers.inbox import InboxSocket
+from ws_gateway.handlers.inbox import InboxSocket, InboxStream
 from ws_gateway.handlers.metrics import MetricsHandler
-from ws_gateway.handlers.site import SiteSocket
-from ws_gateway.handlers.widget import WidgetSocket
+from ws_gateway.handlers.site import SiteSocket, SiteStream
+from ws_gateway.handlers.widget import WidgetSocket, WidgetStream
 from ws_gateway.limits import Limiter
 from ws_gateway.listener import Listener
-from ws_gateway.metrics import MetricsCollector, Stats
+from ws_gateway.metrics import ConnectionsCollector, MetricsCollector, Stats, count_connections
 from ws_gateway.parts import OpenSocket, Parts
 from ws_gateway.presence import Presence
 from ws_gateway.router import Router
+from ws_gateway.sse import Streams
 from ws_gateway.store import GatewayStore, PresenceStore
 from ws_gateway.workspace import Workspace
 
@@ -71,6 +72,8 @@ class Gateway:
         self.server: HTTPServer | None = None
         self.port: int | None = None
         self._stopping = asyncio.Event()
+        #: Seconds between the keep-alive comments of an idle SSE stream (tests shorten it).
+        self.sse_keep_alive = 10.0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -165,13 +168,16 @@ class Gateway:
                 presence=presence.gauges,
             )
         )
+        sockets: set[OpenSocket] = set()
+        registry.register(ConnectionsCollector(lambda: count_connections(sockets)))
         limiter = Limiter(
             settings.max_sockets_per_ip, settings.client_msgs_per_second, settings.client_burst
         )
         return Parts(
             settings=settings, jwt_secret=settings.jwt_secret(), store=store, router=router,
             listener=listener, consumer=consumer, limiter=limiter, stats=stats,
-            registry=registry, workspace=workspace, presence=presence, sockets=set(),
+            registry=registry, workspace=workspace, presence=presence,
+            streams=Streams(self.sse_keep_alive), sockets=sockets,
             stopping=self._stopping,
         )
 
@@ -210,6 +216,7 @@ class Gateway:
         await parts.consumer.stop()
         await parts.router.close()
         await parts.workspace.close()
+        parts.streams.close()
         pool = parts.store.pool
         try:
             # Politely, but briefly: across a network partition each connection's close
@@ -272,6 +279,11 @@ class Gateway:
                 (rf"/ws/widget/dialogs/{ID}", WidgetSocket, deps),
                 (rf"/ws/site/dialogs/{ID}", SiteSocket, deps),
                 (r"/ws/inbox", InboxSocket, deps),
+                # The same sessions over server-sent events, for networks that block sockets.
+                (rf"/sse/dialogs/{ID}", AdminStream, deps),
+                (rf"/sse/widget/dialogs/{ID}", WidgetStream, deps),
+                (rf"/sse/site/dialogs/{ID}", SiteStream, deps),
+                (r"/sse/inbox", InboxStream, deps),
                 (r"/health", HealthHandler, deps),
                 (r"/api/debug/websocket/status", StatusHandler, deps),
                 (r"/api/debug/websocket/sync", SyncHandler, deps),

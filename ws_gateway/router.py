@@ -69,7 +69,7 @@ class Mark:
 
 
 class Subscriber(Protocol):
-    """One socket, as the router sees it."""
+    """One socket or SSE stream, as the router sees it (it never asks which)."""
 
     dialog_id: int
     sent_seq: int

@@ -99,11 +99,16 @@ class Owner(Protocol):
     @property
     def kind(self) -> SocketKind: ...
 
+    @property
+    def transport_name(self) -> str:
+        """``ws`` or ``sse``: this write path serves both (whole frames, or whole events)."""
+
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
 
 
 class Transport:
-    """The write path of one socket: whole frames into its IOStream, within a buffer limit."""
+    """The write path of one socket or event stream: whole frames (or events) into its
+    IOStream, within a buffer limit."""
 
     __slots__ = ("buffer_limit", "closing", "owner", "slow_grace", "stats", "stream")
 
@@ -200,7 +205,8 @@ class Transport:
         owner = self.owner
         detail = detail or f"write buffer over {self.buffer_limit} bytes"
         log.warning(
-            "%s slow consumer dialog_id=%d sent_seq=%d: %s, closing %d",
+            "%s slow consumer dialog_id=%d sent_seq=%d: %s, closing %d transport=%s",
             owner.kind.tag, owner.dialog_id, owner.sent_seq, detail, CloseCode.TOO_SLOW,
+            owner.transport_name,
         )
         owner.close(CloseCode.TOO_SLOW, "client too slow, resume with since")

@@ -19,6 +19,15 @@
  *   dialog.connect();
  *
  * Messages and typing go out through the HTTP API (ReplyX.Api), never the socket.
+ *
+ * Transport: a Dialog uses a WebSocket first and falls back by itself to the
+ * endpoint's server-sent events twin (/sse/… for /ws/…, EventSource) when the
+ * upgrade fails (a proxy that blocks WebSockets) or the page has no WebSocket;
+ * `transport: 'sse'` (or 'ws') forces one. The page sees the same events either
+ * way. Over SSE each message carries its seq as the event id, so the browser's
+ * own reconnect (after 1012, 4008 or a dropped connection) resumes with
+ * Last-Event-ID; when the browser gives up (an HTTP error) the Dialog reconnects
+ * itself with ?since=<last seq>, as it does for a socket.
  */
 (function (global) {
   'use strict';
@@ -29,6 +38,11 @@
     var loc = global.location;
     var url = (loc.protocol === 'https:' ? 'wss://' : 'ws://') + loc.host + path;
     return url + query(params);
+  }
+
+  // The SSE twin of a socket URL: ws(s)://host/ws/… → http(s)://host/sse/…
+  function sseUrl(url) {
+    return url.replace(/^ws(s?):\/\//, 'http$1://').replace(/^(https?:\/\/[^\/]+)\/ws\//, '$1/sse/');
   }
 
   function query(params) {
@@ -49,6 +63,14 @@
     this.backoffInitial = options.backoffInitial || 500;   // ms
     this.backoffMax = options.backoffMax || 15000;
     this.pingEvery = options.pingEvery || 25000;           // app-level ping, for half-open sockets
+    // SSE fallback: 'auto' (WebSocket, then EventSource after a failed upgrade), 'ws' or 'sse'.
+    this.transport = options.transport || 'auto';
+    this.transportInUse = null;                            // 'ws' | 'sse' once connected
+    this._useSse = this.transport === 'sse' ||
+      (this.transport === 'auto' && typeof global.WebSocket !== 'function');
+    this._sseWorked = false;
+    this._wsWorked = false;
+    this._es = null;
     this.state = 'idle';
     this.closeCodes = [];
     this.connects = 0;
@@ -95,17 +117,32 @@
     this._stopPinger();
     if (global.removeEventListener) global.removeEventListener('online', this._onOnline);
     if (this._ws) this._ws.close(1000, 'bye');
+    if (this._es) this._es.close();
+    this._es = null;
     this._setState('closed');
   };
 
   Dialog.prototype._open = function () {
+    if (this._useSse) return this._openSse();
     var self = this;
     var url = this.url;
     if (this.lastSeq !== null) url += (url.indexOf('?') >= 0 ? '&' : '?') + 'since=' + this.lastSeq;
     this._setState(this.connects === 0 ? 'connecting' : 'reconnecting');
-    var ws = new WebSocket(url);
+    var ws;
+    try {
+      ws = new WebSocket(url);
+    } catch (err) {
+      if (!this._canFallBack()) throw err;
+      this._useSse = true;
+      return this._openSse();
+    }
+    var opened = false;
     this._ws = ws;
-    ws.onopen = function () { self.connects += 1; };
+    ws.onopen = function () {
+      opened = self._wsWorked = true;
+      self.transportInUse = 'ws';
+      self.connects += 1;
+    };
     ws.onmessage = function (event) {
       if (ws === self._ws) self._frame(ws, event.data);
     };
@@ -115,6 +152,14 @@
       self._stopPinger();
       self.closeCodes.push(event.code);
       if (self._stopped) return;
+      if (!opened && !self._wsWorked && self._canFallBack()) {
+        // No socket ever opened here: the upgrade may be blocked on this network. Try the
+        // event stream at once (and stay on it once it works). Once a socket has worked,
+        // a failure is an outage, not a blocked upgrade: keep retrying the socket.
+        self._useSse = true;
+        self._open();
+        return;
+      }
       if (FATAL_CODES[event.code]) {
         self._stopped = true;
         self._setState('closed');
@@ -148,7 +193,7 @@
       if (this.lastSeq !== null && data.seq <= this.lastSeq) return;  // already shown
       if (this.lastSeq !== null && data.seq !== this.lastSeq + 1) {
         // The gateway never skips a seq; should it ever, the replay of a resume fills it.
-        ws.close(1000, 'gap, resuming');
+        if (ws) ws.close(1000, 'gap, resuming'); else this._restartSse();
         return;
       }
       this.lastSeq = data.seq;
@@ -160,9 +205,73 @@
     } else if (data.type === 'ready') {
       if (this.lastSeq === null) this.lastSeq = data.last_seq;
       this._delay = this.backoffInitial;
-      this._startPinger(ws);
+      if (ws) this._startPinger(ws);  // an event stream has no uplink: the server keeps it alive
       this._setState('live');
     }
+  };
+
+  // -- Dialog over server-sent events (the fallback) ---------------------------
+
+  Dialog.prototype._canFallBack = function () {
+    return this.transport === 'auto' && typeof global.EventSource === 'function';
+  };
+
+  Dialog.prototype._openSse = function () {
+    var self = this;
+    var url = sseUrl(this.url);
+    if (this.lastSeq !== null) url += (url.indexOf('?') >= 0 ? '&' : '?') + 'since=' + this.lastSeq;
+    this._setState(this.connects === 0 ? 'connecting' : 'reconnecting');
+    if (this._es) this._es.close();  // 'online' while the browser was still retrying it
+    var es = new EventSource(url);
+    var opened = false;
+    this._es = es;
+    // Each (re)connection of this EventSource, the browser's own ones included.
+    es.onopen = function () {
+      if (es !== self._es) return;
+      opened = true;
+      self._sseWorked = true;
+      self.transportInUse = 'sse';
+      self.connects += 1;
+    };
+    es.onmessage = function (event) {
+      if (es === self._es) self._frame(null, event.data);
+    };
+    // The gateway's close: {code, reason}, then the end of the stream.
+    es.addEventListener('close', function (event) {
+      if (es !== self._es) return;
+      var info = {};
+      try { info = JSON.parse(event.data); } catch (err) { /* keep {} */ }
+      self.closeCodes.push(info.code);
+      if (FATAL_CODES[info.code]) {
+        es.close();
+        self._es = null;
+        self._stopped = true;
+        self._setState('closed');
+        self._emit('closed', {code: info.code, reason: info.reason});
+        return;
+      }
+      // 1012, 4008, 1013: the browser reconnects by itself and sends Last-Event-ID.
+      self._setState('reconnecting');
+    });
+    es.onerror = function () {
+      if (es !== self._es || self._stopped) return;
+      self._setState('reconnecting');
+      if (es.readyState !== EventSource.CLOSED) return;  // the browser is retrying
+      // The browser gave up (an HTTP error): reconnect ourselves with since=<last seq>.
+      self._es = null;
+      if (!opened && !self._sseWorked && self.transport === 'auto' &&
+          typeof global.WebSocket === 'function') {
+        self._useSse = false;  // neither worked yet: the gateway may just be down
+      }
+      self._schedule();
+    };
+  };
+
+  Dialog.prototype._restartSse = function () {
+    if (this._es) this._es.close();
+    this._es = null;
+    this._setState('reconnecting');
+    this._schedule();
   };
 
   Dialog.prototype._startPinger = function (ws) {
@@ -366,15 +475,19 @@
     if (global.removeEventListener) global.removeEventListener('online', this._onOnline);
     if (this._ws) this._ws.close(1000, 'bye');
     this._ws = null;
+    if (this._es) this._es.close();  // SSE fallback (see _openSse)
+    this._es = null;
     this._setState('closed');
   };
 
   Inbox.prototype._open = function () {
     var self = this;
+    if (this._useSse || typeof global.WebSocket !== 'function') return this._openSse();
     this._setState(this.connects === 0 ? 'connecting' : 'reconnecting');
     var ws = new WebSocket(this.url);
+    var opened = false;
     this._ws = ws;
-    ws.onopen = function () { self.connects += 1; };
+    ws.onopen = function () { opened = self._wsWorked = true; self.connects += 1; };
     ws.onmessage = function (event) {
       if (ws === self._ws) self._frame(ws, event.data);
     };
@@ -384,6 +497,11 @@
       self._stopPinger();
       self.closeCodes.push(event.code);
       if (self._stopped) return;
+      if (!opened && !self._wsWorked && typeof global.EventSource === 'function') {
+        self._useSse = true;  // no socket ever upgraded here: try the event stream
+        self._open();
+        return;
+      }
       if (self.fatalCodes[event.code]) {
         self._stopped = true;
         self._setState('closed');
@@ -391,6 +509,41 @@
         return;
       }
       self._setState('reconnecting');
+      self._schedule();
+    };
+  };
+
+  // -- Inbox over server-sent events: /sse/inbox, when WebSockets cannot be used --
+  // Like Dialog's fallback; there is no resume point: every (re)connect, the browser's
+  // own included, starts with a fresh snapshot.
+  Inbox.prototype._openSse = function () {
+    var self = this;
+    this._setState(this.connects === 0 ? 'connecting' : 'reconnecting');
+    if (this._es) this._es.close();
+    var es = new EventSource(sseUrl(this.url));
+    this._es = es;
+    es.onopen = function () { if (es === self._es) self.connects += 1; };
+    es.onmessage = function (event) { if (es === self._es) self._frame(null, event.data); };
+    es.addEventListener('close', function (event) {
+      if (es !== self._es) return;
+      var info = {};
+      try { info = JSON.parse(event.data); } catch (err) { /* keep {} */ }
+      self.closeCodes.push(info.code);
+      if (self.fatalCodes[info.code]) {
+        es.close();
+        self._es = null;
+        self._stopped = true;
+        self._setState('closed');
+        self._emit('closed', {code: info.code, reason: info.reason});
+        return;
+      }
+      self._setState('reconnecting');  // the browser reconnects by itself
+    });
+    es.onerror = function () {
+      if (es !== self._es || self._stopped) return;
+      self._setState('reconnecting');
+      if (es.readyState !== EventSource.CLOSED) return;  // the browser is retrying
+      self._es = null;
       self._schedule();
     };
   };
@@ -419,7 +572,7 @@
       this._upsert(data, true);
     } else if (data.type === 'ready') {
       this._delay = this.backoffInitial;
-      this._startPinger(ws);
+      if (ws) this._startPinger(ws);
       this._setState('live');
       this._emit('ready');
     }
@@ -509,6 +662,6 @@
   // == end of Workspace ======================================================
 
   global.ReplyX = {Dialog: Dialog, Api: Api, ApiError: ApiError, wsUrl: wsUrl, throttle: throttle,
-                   FATAL_CODES: FATAL_CODES};
+                   FATAL_CODES: FATAL_CODES, sseUrl: sseUrl};
   global.ReplyX.Inbox = Inbox;
 })(typeof window !== 'undefined' ? window : this);
