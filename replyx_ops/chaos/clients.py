@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tornado.websocket import WebSocketClientConnection
+
 from replyx import security
 from replyx.protocol import CloseCode
 from replyx_client import DialogClient
@@ -70,8 +72,11 @@ class ChaosDialogClient(DialogClient):
 
     def drop(self) -> None:
         """Close the current connection from the client side; the session then resumes."""
-        if self._conn is not None:
-            self._conn.close(CloseCode.NORMAL, "chaos: client drops")
+        conn = self._conn
+        if isinstance(conn, WebSocketClientConnection):
+            conn.close(CloseCode.NORMAL, "chaos: client drops")
+        elif conn is not None:
+            conn.close()  # an event stream: the client hangs up
 
     @property
     def is_connected(self) -> bool:
