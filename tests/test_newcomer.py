@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import psycopg
@@ -20,6 +21,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from replyx.settings import Settings
+from replyx_client import DialogClient
 from replyx_ops import demo, state
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import TEST_JWT_SECRET, Tenant, make_settings
@@ -135,6 +137,25 @@ async def test_the_banner_opens_all_three_socket_kinds_on_one_dialog(bare: Stack
     for client in clients:
         await client.wait_for_seq(r.body["seq"])
         assert client.messages[-1]["text"] == "Test message"
+        await client.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_stand_in_front_streams_sse_unbuffered(bare: Stack) -> None:
+    """Without nginx, /sse/ through NGINX_PORT works as through nginx: events as they come."""
+    tenant = demo_tenant(bare)
+    url = (f"ws://127.0.0.1:{bare.nginx_port}/ws/site/dialogs/{tenant['dialog_id']}"
+           f"?site_token={quote(tenant['site_token'])}")
+    client = DialogClient(url, transport="sse")
+    await client.connect()
+    try:
+        r = await Api(f"http://127.0.0.1:{bare.nginx_port}").request(
+            "POST", f"/api/site/dialogs/{tenant['dialog_id']}/messages"
+            f"?site_token={quote(tenant['site_token'])}", {"text": "through the stand-in"})
+        assert r.code == 201
+        await client.wait_for_seq(r.body["seq"], timeout=10)
+        assert client.messages[-1]["text"] == "through the stand-in"
+    finally:
         await client.close()
 
 
