@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import orjson
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from replyx.backoff import Backoff
 from replyx.protocol import FATAL_CLOSE_CODES
 from replyx_client.sse import EventStream, StreamRefusedError, sse_connect
 
@@ -211,7 +211,7 @@ class DialogClient:
         return self._stopping
 
     async def _run(self) -> None:
-        delay = self.backoff_initial
+        backoff = Backoff(initial=self.backoff_initial, maximum=self.backoff_max)
         while not self._stopping:
             try:
                 self._conn = await self._connect()
@@ -220,14 +220,13 @@ class DialogClient:
                     self._closed_for_good = DialogClosedError(None, str(exc))
                     self._notify()
                     return
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, self.backoff_max)
+                await asyncio.sleep(backoff.next())
                 continue
             self.connects += 1
             self._ready.clear()
             got_ready = await self._read(self._conn)
             if got_ready:
-                delay = self.backoff_initial
+                backoff.reset()
             code = self._conn.close_code
             self.close_codes.append(code)
             self._ready.clear()
@@ -238,8 +237,7 @@ class DialogClient:
                 self._closed_for_good = DialogClosedError(code, self._conn.close_reason)
                 self._notify()
                 return
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, self.backoff_max)
+            await asyncio.sleep(backoff.next())
 
     async def _read(self, conn: WebSocketClientConnection | EventStream) -> bool:
         got_ready = False

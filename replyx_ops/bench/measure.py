@@ -24,6 +24,7 @@ class Progress:
 
 
 def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

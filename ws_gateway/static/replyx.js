@@ -90,10 +90,10 @@
     return this;
   };
 
-  Dialog.prototype._emit = function (event, value) {
+  Dialog.prototype._emit = function (event, a, b) {
     var handlers = this._handlers[event] || [];
     for (var i = 0; i < handlers.length; i++) {
-      try { handlers[i](value); } catch (err) { setTimeout(function () { throw err; }); }
+      try { handlers[i](a, b); } catch (err) { setTimeout(function () { throw err; }); }
     }
   };
 
@@ -426,24 +426,10 @@
     this._onOnline = function () { if (self.state === 'reconnecting') self._reconnectNow(); };
   }
 
-  Inbox.prototype.on = function (event, handler) {
-    (this._handlers[event] = this._handlers[event] || []).push(handler);
-    return this;
-  };
-
-  Inbox.prototype._emit = function (event, a, b) {
-    var handlers = this._handlers[event] || [];
-    for (var i = 0; i < handlers.length; i++) {
-      try { handlers[i](a, b); } catch (err) { setTimeout(function () { throw err; }); }
-    }
-  };
-
-  Inbox.prototype._setState = function (state) {
-    if (this.state !== state) {
-      this.state = state;
-      this._emit('state', state);
-    }
-  };
+  // The connection plumbing an inbox shares with a dialog socket: events, state, the
+  // jittered backoff and the ping that finds half-open connections.
+  ['on', '_emit', '_setState', '_schedule', '_reconnectNow', '_startPinger', '_stopPinger']
+    .forEach(function (name) { Inbox.prototype[name] = Dialog.prototype[name]; });
 
   // The view, newest activity first.
   Inbox.prototype.list = function () {
@@ -548,20 +534,6 @@
     };
   };
 
-  Inbox.prototype._schedule = function () {
-    var self = this;
-    var delay = this._delay * (0.5 + Math.random());  // jitter: a restarted gateway is not stampeded
-    this._delay = Math.min(this._delay * 2, this.backoffMax);
-    clearTimeout(this._timer);
-    this._timer = setTimeout(function () { self._open(); }, delay);
-  };
-
-  Inbox.prototype._reconnectNow = function () {
-    clearTimeout(this._timer);
-    this._delay = this.backoffInitial;
-    this._open();
-  };
-
   Inbox.prototype._frame = function (ws, raw) {
     var data;
     try { data = JSON.parse(raw); } catch (err) { return; }
@@ -627,25 +599,6 @@
       if (!added.length) self._emit('change', self.list());
       return added;
     });
-  };
-
-  Inbox.prototype._startPinger = function (ws) {
-    var self = this;
-    this._stopPinger();
-    this._pinger = setInterval(function () {
-      if (self._awaitingPong) {
-        ws.close(1000, 'no pong');
-        return;
-      }
-      self._awaitingPong = true;
-      ws.send('{"type":"ping"}');
-    }, this.pingEvery);
-  };
-
-  Inbox.prototype._stopPinger = function () {
-    clearInterval(this._pinger);
-    this._pinger = null;
-    this._awaitingPong = false;
   };
 
   // Read state (forward-only on the server: a lower seq is a no-op, one past the end a 400).
