@@ -37,7 +37,7 @@ from ws_gateway.handlers.inbox import InboxSocket
 from ws_gateway.handlers.metrics import MetricsHandler
 from ws_gateway.handlers.site import SiteSocket
 from ws_gateway.handlers.widget import WidgetSocket
-from ws_gateway.limits import Limiter
+from ws_gateway.limits import ByteBudget, Limiter
 from ws_gateway.listener import Listener
 from ws_gateway.metrics import MetricsCollector, Stats
 from ws_gateway.parts import OpenSocket, Parts
@@ -56,7 +56,10 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 class RouterFactory(Protocol):
     """Builds the router; ``replyx bench`` passes its naive fan-out for comparison."""
 
-    def __call__(self, store: GatewayStore, stats: Stats, *, replay_chunk: int) -> Router: ...
+    def __call__(
+        self, store: GatewayStore, stats: Stats, *, replay_chunk: int, page_bytes: int,
+        budget: ByteBudget,
+    ) -> Router: ...
 
 
 class Gateway:
@@ -138,7 +141,10 @@ class Gateway:
         store = GatewayStore(pool)
         # Replays go out in chunks well under the per-socket buffer limit (see Router).
         replay_chunk = max(16 * 1024, settings.socket_buffer_limit // 4)
-        router = self.router_factory(store, stats, replay_chunk=replay_chunk)
+        router = self.router_factory(
+            store, stats, replay_chunk=replay_chunk, page_bytes=settings.replay_page_bytes,
+            budget=ByteBudget(settings.replay_memory),
+        )
         presence = Presence(PresenceStore(pool))
         workspace = Workspace(store, presence)
         consumer = Consumer(router, workspace, presence, stats, WriteBatch())
@@ -166,7 +172,11 @@ class Gateway:
             )
         )
         limiter = Limiter(
-            settings.max_sockets_per_ip, settings.client_msgs_per_second, settings.client_burst
+            settings.max_sockets_per_ip, settings.client_msgs_per_second, settings.client_burst,
+            handshakes_per_second=settings.handshake_rate,
+            handshake_burst=settings.handshake_burst,
+            address_frames_per_second=settings.address_frame_rate,
+            address_frame_burst=settings.address_frame_burst,
         )
         return Parts(
             settings=settings, jwt_secret=settings.jwt_secret(), store=store, router=router,

@@ -16,6 +16,8 @@ from ws_gateway.store import Opening
 
 class AdminSocket(DialogSocket):
     kind = SocketKind.ADMIN
+    #: Known once the token is verified; 0 for a socket refused before that.
+    user_id = 0
 
     async def authorize(self, dialog_id: int, since: int | None) -> Opening:
         token = self.get_query_argument("token", None) or bearer(self.request.headers)
@@ -26,7 +28,7 @@ class AdminSocket(DialogSocket):
         except security.InvalidTokenError:
             raise Refused(CloseCode.UNAUTHORIZED, "missing, invalid or expired token") from None
         opening = await self.parts.store.admin_opening(
-            dialog_id, claims.user_id, since, REPLAY_PAGE
+            dialog_id, claims.user_id, since, REPLAY_PAGE, self.parts.router.page_bytes
         )
         if opening is None:
             raise Refused(CloseCode.NOT_FOUND, "dialog not found", f"user_id={claims.user_id}")
@@ -38,5 +40,7 @@ class AdminSocket(DialogSocket):
         return opening
 
     def on_close(self) -> None:
-        self.parts.workspace.remove_operator_socket(self)
-        super().on_close()
+        try:
+            self.parts.workspace.remove_operator_socket(self)
+        finally:
+            super().on_close()  # the slot and the socket set, whatever happened above

@@ -22,13 +22,16 @@ from typing import Any, ClassVar
 import orjson
 import tornado.websocket
 from tornado.ioloop import IOLoop
+from tornado.web import HTTPError
 
 from replyx.addresses import client_address
 from replyx.logs import RedactedRequestLogging
 from replyx.protocol import CloseCode, FrameType, SocketKind, non_negative_int, positive_id
 from ws_gateway.frames import PONG_FRAME
+from ws_gateway.limits import Lease
 from ws_gateway.parts import Parts
 from ws_gateway.presence import PresenceSlot
+from ws_gateway.replay import Page
 from ws_gateway.store import Opening
 from ws_gateway.transport import FrameLimitedProtocol, Transport
 
@@ -88,7 +91,19 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         protocol = super().get_websocket_protocol()
         if not isinstance(protocol, tornado.websocket.WebSocketProtocol13):
             return protocol
-        return FrameLimitedProtocol(self, protocol.params, self.allow_frame)
+        settings = self.parts.settings
+        return FrameLimitedProtocol(
+            self, protocol.params, self.allow_frame,
+            fragment_timeout=settings.fragment_timeout, pong_deadline=settings.slow_close_grace,
+            on_stalled=self._stalled,
+        )
+
+    def _stalled(self, detail: str) -> None:
+        """The client reads nothing we write (no echo of our ping): the slow-client policy."""
+        if self.transport is not None:
+            self.transport.too_slow(detail)
+        else:
+            self._close(CloseCode.TOO_SLOW, "client too slow, resume with since")
 
     async def authorize(self, dialog_id: int, since: int | None) -> Opening:
         """Raise :class:`Refused` unless this request may read ``dialog_id``.
@@ -98,7 +113,18 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         """
         raise NotImplementedError
 
-    async def open(self, raw_id: str) -> None:
+    async def open(self, *args: str) -> None:
+        """The handshake; whatever fails in it ends in a close code, never a silent drop.
+
+        Tornado aborts a connection whose ``open()`` raises without ever calling
+        ``on_close``: the address's slot and the socket set would keep it for good.
+        """
+        try:
+            await self._handshake(*args)
+        except Exception as exc:
+            self._handshake_failed(exc)
+
+    async def _handshake(self, raw_id: str) -> None:
         parts = self.parts
         assert self.ws_connection is not None and self.ws_connection.stream is not None
         settings = parts.settings
@@ -110,48 +136,65 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         if parts.stopping.is_set():
             self._close(CloseCode.RESTARTING, "gateway restarting, resume with since")
             return
-        if not parts.limiter.acquire(self):
-            log.warning(
-                "%s refused: too many sockets from %s", self.kind.tag, client_address(self.request)
-            )
-            parts.stats.refused[str(CloseCode.POLICY)] += 1
-            self._close(CloseCode.POLICY, "too many connections from this address")
+        if not self._admitted():
             return
         router = parts.router
         since: int | None = None
+        lease: Lease | None = None
         try:
             # Tornado reads no client frame (pongs included) until open() returns: bound the
-            # wait for the database well inside its ping timeout.
+            # wait for the database well inside its ping timeout. The replay comes after
+            # open() returns, under the slow-client policy (4008), not this timeout.
             async with asyncio.timeout(settings.join_timeout):
                 self.dialog_id = parse_dialog_id(raw_id)
                 since = self._since()
+                if since is not None:
+                    # Room for the first page in the replay budget, before its query.
+                    lease = await router.budget.acquire(router.page_bytes)
                 # Register, then query: whatever commits after the query's snapshot is
                 # routed into this socket's buffer (see Router.register).
                 mark = router.register(self)
                 opening = await self.authorize(self.dialog_id, since)
+                if lease is not None:
+                    lease.shrink(sum(len(payload) for _, payload in opening.page))
                 self.assistant_id = opening.assistant_id
                 if since is not None and since > opening.last_seq:
                     # Seqs only ever grow: this client's state is from another database.
                     raise Refused(CloseCode.BAD_REQUEST, "since is ahead of the dialog")
-                if self._gone():
-                    return  # on_close took it out of the router
-                transport.limit()
-                self._joined = True
-                start = opening.last_seq if since is None else since
-                await router.join(self, mark, start, opening.page)
-        except Refused as refusal:
+        except BaseException as exc:
             router.remove(self)
-            self._refuse(refusal)
-            return
-        except Exception as exc:
-            router.remove(self)
+            if lease is not None:
+                lease.release()
+            if isinstance(exc, Refused):
+                self._refuse(exc)
+                return
+            if isinstance(exc, HTTPError):  # a query value Tornado cannot decode
+                self._refuse(Refused(CloseCode.BAD_REQUEST, "malformed query string"))
+                return
             if not (isinstance(exc, TimeoutError) or parts.store.is_unavailable(exc)):
                 raise
             self._refuse(Refused(CloseCode.TRY_AGAIN, "database unavailable, try again"))
             return
         if self._gone():
+            router.remove(self)  # the client left during the query
+            if lease is not None:
+                lease.release()
+            return
+        transport.limit()
+        self._joined = True
+        start = opening.last_seq if since is None else since
+        router.spawn(self._join(start, Page(mark, opening.page, lease), since))
+
+    async def _join(self, start: int, page: Page, since: int | None) -> None:
+        """The replay and ``ready``, once open() has returned (so pongs and pings are read)."""
+        try:
+            await self.parts.router.join(self, start, page)
+        finally:
+            if page.lease is not None:
+                page.lease.release()  # cancelled before the page was written
+        if self._gone():
             # The client left while we were replaying.
-            router.remove(self)
+            self.parts.router.remove(self)
             return
         log.info(
             "%s connected dialog_id=%d since=%s last_seq=%d peer=%s",
@@ -160,7 +203,29 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         )
         # Presence right after ready, then whenever it changes.
         self._watching = True
-        parts.presence.watch(self)
+        self.parts.presence.watch(self)
+
+    def _admitted(self) -> bool:
+        """The per-address handshake rate and socket cap; a refusal closes 1008."""
+        limiter = self.parts.limiter
+        if not limiter.admit(self):
+            self._refuse(Refused(CloseCode.POLICY, "too many connection attempts"))
+            return False
+        if not limiter.acquire(self):
+            self._refuse(Refused(CloseCode.POLICY, "too many connections from this address"))
+            return False
+        return True
+
+    def _handshake_failed(self, exc: Exception) -> None:
+        """Give back everything the handshake took, and close with a code."""
+        parts = self.parts
+        parts.router.remove(self)
+        parts.limiter.release(self)
+        if isinstance(exc, HTTPError):
+            self._refuse(Refused(CloseCode.BAD_REQUEST, "malformed request"))
+            return
+        self.log_exception(type(exc), exc, exc.__traceback__)
+        self._close(CloseCode.INTERNAL_ERROR, "internal error, try again")
 
     def _gone(self) -> bool:
         """The client left, or we closed, while open() awaited (a method: it changes then)."""
@@ -176,12 +241,20 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         return since
 
     def _refuse(self, refusal: Refused) -> None:
+        """Count every refusal, log at most one a second per address, close with its code.
+
+        The address's slot comes back now, not when the client answers the close.
+        """
+        self.parts.limiter.release(self)
         self.parts.stats.refused[str(refusal.code)] += 1
+        if not self.parts.limiter.may_log(self):
+            self._close(refusal.code, refusal.reason)
+            return
         marker = " WEBSOCKET_4003_ERROR" if refusal.code == CloseCode.FORBIDDEN_ORIGIN else ""
         log.warning(
             "%s%s refused dialog_id=%s code=%d reason=%s%s peer=%s",
             self.kind.tag, marker, self.dialog_id or "-", refusal.code, refusal.reason,
-            f" {refusal.detail}" if refusal.detail else "", self.request.remote_ip,
+            f" {refusal.detail}" if refusal.detail else "", client_address(self.request),
         )
         self._close(refusal.code, refusal.reason)
 
@@ -244,10 +317,12 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         if self._closing or self.parts.limiter.allow_frame(self):
             # Frames still in flight while a close handshake runs are not charged.
             return True
-        log.warning(
-            "%s rate limit: closing %d dialog_id=%d peer=%s",
-            self.kind.tag, CloseCode.POLICY, self.dialog_id, client_address(self.request),
-        )
+        self.parts.stats.refused[str(CloseCode.POLICY)] += 1
+        if self.parts.limiter.may_log(self):
+            log.warning(
+                "%s rate limit: closing %d dialog_id=%d peer=%s",
+                self.kind.tag, CloseCode.POLICY, self.dialog_id, client_address(self.request),
+            )
         self._close(CloseCode.POLICY, "rate limit exceeded")
         return False
 

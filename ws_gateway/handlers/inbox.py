@@ -11,7 +11,6 @@ import logging
 import time
 
 from replyx import security
-from replyx.addresses import client_address
 from replyx.protocol import CloseCode, SocketKind
 from replyx.web import bearer
 from ws_gateway.events import DialogEvent
@@ -24,7 +23,7 @@ log = logging.getLogger("ws_gateway.sockets")
 class InboxSocket(DialogSocket):
     kind = SocketKind.INBOX
 
-    async def open(self) -> None:  # type: ignore[override]
+    async def _handshake(self) -> None:  # type: ignore[override]
         parts = self.parts
         assert self.ws_connection is not None and self.ws_connection.stream is not None
         settings = parts.settings
@@ -39,11 +38,7 @@ class InboxSocket(DialogSocket):
         if parts.stopping.is_set():
             self._close(CloseCode.RESTARTING, "gateway restarting, reconnect")
             return
-        if not parts.limiter.acquire(self):
-            log.warning("%s refused: too many sockets from %s", self.kind.tag,
-                        client_address(self.request))
-            parts.stats.refused[str(CloseCode.POLICY)] += 1
-            self._close(CloseCode.POLICY, "too many connections from this address")
+        if not self._admitted():
             return
         token = self.get_query_argument("token", None) or bearer(self.request.headers)
         try:
@@ -70,11 +65,13 @@ class InboxSocket(DialogSocket):
                      self.user_id, len(self.assistants), self.request.remote_ip)
 
     def on_close(self) -> None:
-        self.parts.workspace.remove(self)
         if self._joined:
             self._joined = False  # the base class logs dialog sockets; this one logs itself
             code = self._server_close_code or self.close_code
             log.info("%s disconnected user_id=%d code=%s after %.1fs", self.kind.tag,
                      self.user_id, code if code is not None else "-",
                      time.monotonic() - self._opened_at)
-        super().on_close()
+        try:
+            self.parts.workspace.remove(self)
+        finally:
+            super().on_close()  # the slot and the socket set, whatever happened above
