@@ -31,6 +31,7 @@ from replyx.settings import Settings
 from ws_gateway.consumer import Consumer, WriteBatch
 from ws_gateway.handlers.admin import AdminSocket
 from ws_gateway.handlers.debug import StatusHandler, SyncHandler
+from ws_gateway.handlers.demo import DemoFiles, DemoRedirect
 from ws_gateway.handlers.health import HealthHandler, HealthSocket, health
 from ws_gateway.handlers.http import NotFoundHandler
 from ws_gateway.handlers.inbox import InboxSocket
@@ -287,9 +288,9 @@ class Gateway:
                 (r"/api/debug/websocket/sync", SyncHandler, deps),
                 (r"/metrics", MetricsHandler, deps),
                 (r"/ws/health", HealthSocket, deps),
-                (r"/demo", tornado.web.RedirectHandler, {"url": "/demo/"}),
-                (r"/demo/(.*)", tornado.web.StaticFileHandler,
-                 {"path": str(STATIC_DIR), "default_filename": "index.html"}),
+                (r"/demo", DemoRedirect),
+                (r"/demo/(.*)", DemoFiles,
+                 {"path": str(STATIC_DIR), "default_filename": "index.html", "parts": parts}),
             ],
             default_handler_class=NotFoundHandler,
             default_handler_args=deps,
