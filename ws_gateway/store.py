@@ -20,7 +20,9 @@ from replyx.protocol import NOTIFY_CHANNEL
 # Each handshake query below returns one row per message of the first replay page
 # (rows with seq > since ($3), or > last_seq when the client gave no since (NULL), in
 # seq order, at most $4 rows and, past the first row, at most $5 bytes of frames: pages
-# are bounded in bytes, as a row may be ~200 KB), each with the dialog's last_seq;
+# are bounded in bytes, as a row may be ~200 KB. Only rows whose texts fit the budget are
+# rendered (octet_length of a stored text does not detoast it), so a page query's work is
+# bounded by the budget too, not by 500 huge rows), each with the dialog's last_seq;
 # a single row with a NULL seq when the page is empty; no row when the credential is
 # refused. One statement is one snapshot, so last_seq and the page agree with each other.
 
@@ -31,9 +33,12 @@ _ADMIN_OPENING = """
       LEFT JOIN LATERAL (
           SELECT seq, frame FROM (SELECT r.seq, r.frame,
                  sum(octet_length(r.frame)) OVER (ORDER BY r.seq) - octet_length(r.frame) AS ahead
-            FROM (SELECT m.seq, replyx_message_json(m) AS frame FROM messages m
-                   WHERE m.dialog_id = d.id AND m.seq > COALESCE($3::bigint, d.last_seq)
-                   ORDER BY m.seq LIMIT $4) r) w
+            FROM (SELECT c.seq, replyx_message_json(m) AS frame
+                    FROM (SELECT m.id, m.seq, sum(octet_length(m.text)) OVER (ORDER BY m.seq)
+                                 - octet_length(m.text) AS text_ahead FROM messages m
+                           WHERE m.dialog_id = d.id AND m.seq > COALESCE($3::bigint, d.last_seq)
+                           ORDER BY m.seq LIMIT $4) c
+                    JOIN messages m ON m.id = c.id WHERE c.text_ahead < $5) r) w
            WHERE w.ahead < $5
       ) p ON true
      WHERE d.id = $1 AND o.user_id = $2
@@ -63,10 +68,13 @@ _GUEST_OPENING = """
       LEFT JOIN LATERAL (
           SELECT seq, frame FROM (SELECT r.seq, r.frame,
                  sum(octet_length(r.frame)) OVER (ORDER BY r.seq) - octet_length(r.frame) AS ahead
-            FROM (SELECT m.seq, replyx_message_json(m) AS frame FROM messages m
-                   WHERE m.dialog_id = d.id AND d.id = $2
-                     AND m.seq > COALESCE($3::bigint, d.last_seq)
-                   ORDER BY m.seq LIMIT $4) r) w
+            FROM (SELECT c.seq, replyx_message_json(m) AS frame
+                    FROM (SELECT m.id, m.seq, sum(octet_length(m.text)) OVER (ORDER BY m.seq)
+                                 - octet_length(m.text) AS text_ahead FROM messages m
+                           WHERE m.dialog_id = d.id AND d.id = $2
+                             AND m.seq > COALESCE($3::bigint, d.last_seq)
+                           ORDER BY m.seq LIMIT $4) c
+                    JOIN messages m ON m.id = c.id WHERE c.text_ahead < $5) r) w
            WHERE w.ahead < $5
       ) p ON true
      WHERE d.guest_token_hash = $1
@@ -80,9 +88,12 @@ _SITE_OPENING = """
       LEFT JOIN LATERAL (
           SELECT seq, frame FROM (SELECT r.seq, r.frame,
                  sum(octet_length(r.frame)) OVER (ORDER BY r.seq) - octet_length(r.frame) AS ahead
-            FROM (SELECT m.seq, replyx_message_json(m) AS frame FROM messages m
-                   WHERE m.dialog_id = d.id AND m.seq > COALESCE($3::bigint, d.last_seq)
-                   ORDER BY m.seq LIMIT $4) r) w
+            FROM (SELECT c.seq, replyx_message_json(m) AS frame
+                    FROM (SELECT m.id, m.seq, sum(octet_length(m.text)) OVER (ORDER BY m.seq)
+                                 - octet_length(m.text) AS text_ahead FROM messages m
+                           WHERE m.dialog_id = d.id AND m.seq > COALESCE($3::bigint, d.last_seq)
+                           ORDER BY m.seq LIMIT $4) c
+                    JOIN messages m ON m.id = c.id WHERE c.text_ahead < $5) r) w
            WHERE w.ahead < $5
       ) p ON true
      WHERE a.site_token_hash = $1
@@ -92,8 +103,11 @@ _LAST_SEQ = "SELECT last_seq FROM dialogs WHERE id = $1"
 _MESSAGES_AFTER = """
     SELECT seq, frame FROM (SELECT r.seq, r.frame,
            sum(octet_length(r.frame)) OVER (ORDER BY r.seq) - octet_length(r.frame) AS ahead
-      FROM (SELECT m.seq, replyx_message_json(m) AS frame FROM messages m
-             WHERE m.dialog_id = $1 AND m.seq > $2 ORDER BY m.seq LIMIT $3) r) w
+      FROM (SELECT c.seq, replyx_message_json(m) AS frame
+              FROM (SELECT m.id, m.seq, sum(octet_length(m.text)) OVER (ORDER BY m.seq)
+                           - octet_length(m.text) AS text_ahead FROM messages m
+                     WHERE m.dialog_id = $1 AND m.seq > $2 ORDER BY m.seq LIMIT $3) c
+              JOIN messages m ON m.id = c.id WHERE c.text_ahead < $4) r) w
      WHERE w.ahead < $4 ORDER BY seq
 """
 _MESSAGE_BY_REF = """
