@@ -51,6 +51,9 @@ from replyx_ops.bench.servers import (
 #: The gateway's peak RSS the run must stay under, in MiB.
 RSS_BOUND_MIB = 300
 ATTACKER = "203.0.113.66"
+#: The attacker stays within the gateway's default limits (REPLYX_HANDSHAKE_RATE 10/s,
+#: burst 60; REPLYX_ADDRESS_FRAME_RATE 200/s): a few handshakes are kept for headroom.
+HANDSHAKE_HEADROOM = 50
 TEXT, CONTINUATION, CLOSE, PING, PONG = 0x1, 0x0, 0x8, 0x9, 0xA
 
 
@@ -92,6 +95,8 @@ class Attacker:
         self.host, self.port = host, port
         self.outcomes: dict[str, int] = {}
         self.held: list[asyncio.StreamWriter] = []
+        self.pongers: list[asyncio.StreamWriter] = []
+        self.flooders: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     def count(self, what: str) -> None:
         self.outcomes[what] = self.outcomes.get(what, 0) + 1
@@ -156,73 +161,89 @@ class Attacker:
             opened[1].write(first)
             self.held.append(opened[1])
 
+    async def paced(self, opens: list[Any], per_second: float) -> list[Any]:
+        """Run ``opens`` (coroutines that each make one handshake) at the address's rate."""
+        results = []
+        for index, coro in enumerate(opens):
+            results.append(await coro)
+            if index + 1 >= HANDSHAKE_HEADROOM:
+                await asyncio.sleep(1 / per_second)
+        return results
+
+    async def prepare(self, plan: dict[str, Any]) -> dict[str, Any]:
+        """Open the long-lived attacking sockets, within the handshake rate."""
+        site = plan["site_path"]
+        # One unfinished 60 KB message each (under the 64 KiB frame limit), then silence.
+        fragment = frame(TEXT, b"[" * 60000, fin=False)
+        rate = plan["handshakes_per_s"]
+        await self.paced([self.hold(site, fragment) for _ in range(plan["stalled"])], rate)
+        await self.paced([self.hold(site) for _ in range(plan["stalled"])], rate)
+        self.pongers = self.held[-plan["stalled"]:]
+        self.flooders = [o for o in await self.paced(
+            [self.connect(site) for _ in range(plan["flooders"])], rate) if o is not None]
+        return {"held": len(self.held), "flooders": len(self.flooders)}
+
     async def attack(self, plan: dict[str, Any], seconds: float) -> dict[str, Any]:
         stop = time.monotonic() + seconds
         site, widget, origin = plan["site_path"], plan["widget_path"], plan["origin"]
-        tasks = [
-            # Replay memory: since=0 readers of the huge dialog that never read.
-            *(self.hold(plan["replay_path"], origin=origin) for _ in range(plan["replayers"])),
-            # Unfinished messages, and stalled sockets that only send pongs.
-            *(self.hold(site, frame(TEXT, b"[" * 60000, fin=False))
-              for _ in range(plan["stalled"])),
-        ]
-        await asyncio.gather(*tasks)
-        pongers = [self.hold(site) for _ in range(plan["stalled"])]
-        await asyncio.gather(*pongers)
-        flooders = [await self.connect(site) for _ in range(plan["flooders"])]
+        rate = plan["handshakes_per_s"]
+        # Replay memory: since=0 readers of the huge dialog that never read.
+        await self.paced([self.hold(plan["replay_path"], origin=origin)
+                          for _ in range(plan["replayers"])], rate)
+        pong = frame(PONG)
+        ping = frame(TEXT, b'{"type":"ping"}')
 
         async def pongs() -> None:
             while time.monotonic() < stop:
-                for writer in self.held[-plan["stalled"]:]:
-                    writer.write(frame(PONG))
+                for writer in self.pongers:
+                    if not writer.is_closing():
+                        writer.write(pong)
                 await asyncio.sleep(0.5)
 
         async def ping_flood() -> None:
-            # 15 frames/s per socket: under the per-socket rate, over the address's together.
-            ping = frame(TEXT, b'{"type":"ping"}')
+            # The address's whole frame budget, spread over many sockets each under its own.
+            per_socket = plan["frames_per_s"] / max(1, len(self.flooders))
             while time.monotonic() < stop:
-                for opened in flooders:
-                    if opened is not None and not opened[1].is_closing():
-                        opened[1].write(ping)
-                await asyncio.sleep(1 / 15)
+                for _, writer in self.flooders:
+                    if not writer.is_closing():
+                        writer.write(ping)
+                await asyncio.sleep(1 / per_socket)
 
         async def handshakes() -> None:
-            shapes = [f"{site}&since=%ff", site.replace("site_token=", "site_token=%ff"),
-                      f"{widget.split('&guest_token=')[0]}&guest_token=rxg_"
-                      + secrets.token_urlsafe(32)]
-            i = 0
-            while time.monotonic() < stop:
-                await asyncio.gather(*(self.refused(shapes[(i + k) % 3], origin)
-                                       for k in range(plan["handshake_batch"])))
-                i += 1
-                await asyncio.sleep(0.05)
-
-        async def violations() -> None:
+            # Refused handshakes at the address's handshake rate: invalid UTF-8 query values,
+            # random guest tokens, and RFC 6455 violations on sockets that were let in.
             bad = [frame(TEXT, b"x", masked=False), frame(CLOSE, struct.pack("!H", 999)),
                    frame(0x3, b"x"), frame(PING, b"x" * 126), frame(TEXT, b"\xc3\x28")]
+            shapes = [f"{site}&since=%ff", site.replace("site_token=", "site_token=%ff"),
+                      f"{widget.split('&guest_token=')[0]}&guest_token=rxg_"]
             i = 0
             while time.monotonic() < stop:
-                opened = await self.connect(site)
-                if opened is not None:
-                    opened[1].write(bad[i % len(bad)])
-                    self.count(f"violation closed {await self.close_code(opened[0])}")
-                    opened[1].close()
+                if i % 4 == 3:
+                    opened = await self.connect(site)
+                    if opened is not None:
+                        opened[1].write(bad[i % len(bad)])
+                        self.count(f"violation closed {await self.close_code(opened[0])}")
+                        opened[1].close()
+                else:
+                    path = shapes[i % 3]
+                    if path.endswith("rxg_"):
+                        path += secrets.token_urlsafe(32)
+                    await self.refused(path, origin)
                 i += 1
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(1 / rate)
 
-        await asyncio.gather(pongs(), ping_flood(), handshakes(), violations())
+        await asyncio.gather(pongs(), ping_flood(), handshakes())
         for writer in self.held:
             writer.close()
-        for opened in flooders:
-            if opened is not None:
-                opened[1].close()
+        for _, writer in self.flooders:
+            writer.close()
         self.held = []
         return {"outcomes": self.outcomes}
 
 
 def attacker_main(conn: Connection, host: str, port: int) -> None:
     attacker = Attacker(host, port)
-    serve_commands(conn, {"attack": attacker.attack})
+    serve_commands(conn, {"prepare": attacker.prepare, "attack": attacker.attack})
 
 
 # -- the orchestrator ------------------------------------------------------------------------
@@ -278,8 +299,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     bystanders = 100 if tiny else args.bystanders
     rate = 20.0 if tiny else args.rate
     seconds = 6.0 if tiny else args.seconds
-    plan = {"replayers": 2 if tiny else 4, "stalled": 20 if tiny else 200,
-            "flooders": 20 if tiny else 100, "handshake_batch": 10 if tiny else 20}
+    plan = {"replayers": 2 if tiny else 4, "stalled": 10 if tiny else 50,
+            "flooders": 20 if tiny else 100, "handshakes_per_s": 9.0, "frames_per_s": 190.0}
     run_dir = settings.data_dir / "bench" / f"hostile-{time.strftime('%Y%m%d-%H%M%S')}"
     log_dir = run_dir / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -308,17 +329,20 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         pool.open("bystanders", specs)
         paths = [tenant.post_path(d) for d in dialogs]
         rss = PeakRss(gateway)
+        attack_plan = {
+            **plan, "origin": Tenant.ORIGIN, "site_path": tenant.site_path(dialogs[1]),
+            "widget_path": tenant.widget_path(huge),
+            "replay_path": tenant.widget_path(huge) + "&since=0",
+        }
         phases: dict[str, dict[str, Any]] = {}
         attack_report: dict[str, Any] = {}
         for phase in ("quiet", "attack"):
             log(f"{phase}: {rate:g} messages/s for {seconds:g}s")
+            if phase == "attack":
+                log(f"attacker prepares: {attacker.call('prepare', plan=attack_plan)}")
             pool.record(True)
             if phase == "attack":
-                attacker.send("attack", plan={
-                    **plan, "origin": Tenant.ORIGIN, "site_path": tenant.site_path(dialogs[1]),
-                    "widget_path": tenant.widget_path(huge),
-                    "replay_path": tenant.widget_path(huge) + "&since=0",
-                }, seconds=seconds + 2)
+                attacker.send("attack", plan=attack_plan, seconds=seconds + 2)
                 time.sleep(1)  # the attack is under way before the measured messages
             posted = poster.call("post", host="127.0.0.1", port=backend_port, paths=paths,
                                  rate=rate, duration=seconds)
