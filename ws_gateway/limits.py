@@ -9,7 +9,7 @@
 Invariant: every socket that :meth:`Limiter.acquire` counted is released exactly
 once (its ``on_close``; releasing again is a no-op), so an address's count is the
 number of its open sockets. A direct caller on this host (the bench, ``replyx check``)
-is not held to the per-address rates, as in the backend; it is to the socket cap.
+is not held to the per-address rates or log limit, as in the backend; it is to the cap.
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ class Limiter:
 
     def may_log(self, sock: Limited) -> bool:
         """Whether a refusal of this address may take a log line now (10, then one a second)."""
-        return self._log_lines.take(limit_key(client_address(sock.request)), time.monotonic())
+        key = self._key(sock)
+        return key is None or self._log_lines.take(key, time.monotonic())
 
 
 class Lease:

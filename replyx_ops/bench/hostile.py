@@ -54,6 +54,8 @@ ATTACKER = "203.0.113.66"
 #: The attacker stays within the gateway's default limits (REPLYX_HANDSHAKE_RATE 10/s,
 #: burst 60; REPLYX_ADDRESS_FRAME_RATE 200/s): a few handshakes are kept for headroom.
 HANDSHAKE_HEADROOM = 50
+#: The attack patterns, each of which ``--without`` can leave out.
+PATTERNS = ("replay", "stalled", "flood", "handshakes")
 TEXT, CONTINUATION, CLOSE, PING, PONG = 0x1, 0x0, 0x8, 0x9, 0xA
 
 
@@ -67,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true",
                         help="a small run that finishes within a minute (for the test suite)")
     parser.add_argument("--json", action="store_true", help="only the JSON report on stdout")
+    parser.add_argument("--without", action="append", default=[], choices=PATTERNS,
+                        help="leave a pattern out (repeatable), to see what each one costs")
 
 
 # -- the attacker (a process of its own) ---------------------------------------------------
@@ -178,7 +182,7 @@ class Attacker:
         rate = plan["handshakes_per_s"]
         await self.paced([self.hold(site, fragment) for _ in range(plan["stalled"])], rate)
         await self.paced([self.hold(site) for _ in range(plan["stalled"])], rate)
-        self.pongers = self.held[-plan["stalled"]:]
+        self.pongers = self.held[-plan["stalled"]:] if plan["stalled"] else []
         self.flooders = [o for o in await self.paced(
             [self.connect(site) for _ in range(plan["flooders"])], rate) if o is not None]
         return {"held": len(self.held), "flooders": len(self.flooders)}
@@ -203,7 +207,7 @@ class Attacker:
         async def ping_flood() -> None:
             # The address's whole frame budget, spread over many sockets each under its own.
             per_socket = plan["frames_per_s"] / max(1, len(self.flooders))
-            while time.monotonic() < stop:
+            while self.flooders and time.monotonic() < stop:
                 for _, writer in self.flooders:
                     if not writer.is_closing():
                         writer.write(ping)
@@ -232,7 +236,8 @@ class Attacker:
                 i += 1
                 await asyncio.sleep(1 / rate)
 
-        await asyncio.gather(pongs(), ping_flood(), handshakes())
+        await asyncio.gather(pongs(), ping_flood(),
+                             handshakes() if plan["handshakes"] else asyncio.sleep(seconds))
         for writer in self.held:
             writer.close()
         for _, writer in self.flooders:
@@ -300,7 +305,11 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     rate = 20.0 if tiny else args.rate
     seconds = 6.0 if tiny else args.seconds
     plan = {"replayers": 2 if tiny else 4, "stalled": 10 if tiny else 50,
-            "flooders": 20 if tiny else 100, "handshakes_per_s": 9.0, "frames_per_s": 190.0}
+            "flooders": 20 if tiny else 100, "handshakes_per_s": 9.0, "frames_per_s": 190.0,
+            "handshakes": "handshakes" not in args.without}
+    for pattern, key in (("replay", "replayers"), ("stalled", "stalled"), ("flood", "flooders")):
+        if pattern in args.without:
+            plan[key] = 0
     run_dir = settings.data_dir / "bench" / f"hostile-{time.strftime('%Y%m%d-%H%M%S')}"
     log_dir = run_dir / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
