@@ -7,7 +7,7 @@ engine (and its pool) belongs to one worker's event loop.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import tornado.web
@@ -17,6 +17,7 @@ from backend.api import auth, operator, site, widget
 from backend.api.base import NotFoundHandler
 from backend.api.health import HealthHandler
 from backend.api.metrics import MetricsHandler
+from backend.api.openapi import OpenApiHandler
 from backend.db import Database
 from replyx import logs, schema
 from replyx.pg import redact_url, resolve_database_url
@@ -25,6 +26,25 @@ from replyx.settings import Settings
 log = logging.getLogger("backend")
 
 ID = r"([^/]+)"
+
+#: Every route of the API; docs/openapi.json describes exactly these (tests/test_openapi.py).
+ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
+    (r"/health", HealthHandler),
+    (r"/metrics", MetricsHandler),
+    (r"/api/openapi.json", OpenApiHandler),
+    (r"/api/auth/login", auth.LoginHandler),
+    (r"/api/dialogs", operator.DialogsHandler),
+    (rf"/api/dialogs/{ID}/messages", operator.MessagesHandler),
+    (rf"/api/dialogs/{ID}/typing", operator.TypingHandler),
+    (rf"/api/dialogs/{ID}/read", operator.ReadHandler),
+    (r"/api/site/dialogs", site.SiteDialogsHandler),
+    (rf"/api/site/dialogs/{ID}/messages", site.SiteMessagesHandler),
+    (rf"/api/site/dialogs/{ID}/typing", site.SiteTypingHandler),
+    (r"/api/widget/dialogs", widget.WidgetDialogsHandler),
+    (rf"/api/widget/dialogs/{ID}/messages", widget.WidgetMessagesHandler),
+    (rf"/api/widget/dialogs/{ID}/typing", widget.WidgetTypingHandler),
+    (rf"/api/widget/dialogs/{ID}/read", widget.WidgetReadHandler),
+]
 
 
 def make_app(
@@ -48,34 +68,18 @@ def build_application(
 ) -> tornado.web.Application:
     """The API on ``db``; ``metrics_dir``: the workers' shared metrics (gunicorn only)."""
     deps = {"db": db, "config": settings, "jwt_secret": jwt_secret, "metrics_dir": metrics_dir}
-    routes = [
-        (r"/health", HealthHandler),
-        (r"/metrics", MetricsHandler),
-        (r"/api/auth/login", auth.LoginHandler),
-        (r"/api/dialogs", operator.DialogsHandler),
-        (rf"/api/dialogs/{ID}/messages", operator.MessagesHandler),
-        (rf"/api/dialogs/{ID}/typing", operator.TypingHandler),
-        (rf"/api/dialogs/{ID}/read", operator.ReadHandler),
-        (r"/api/site/dialogs", site.SiteDialogsHandler),
-        (rf"/api/site/dialogs/{ID}/messages", site.SiteMessagesHandler),
-        (rf"/api/site/dialogs/{ID}/typing", site.SiteTypingHandler),
-        (r"/api/widget/dialogs", widget.WidgetDialogsHandler),
-        (rf"/api/widget/dialogs/{ID}/messages", widget.WidgetMessagesHandler),
-        (rf"/api/widget/dialogs/{ID}/typing", widget.WidgetTypingHandler),
-        (rf"/api/widget/dialogs/{ID}/read", widget.WidgetReadHandler),
-    ]
     return tornado.web.Application(
-        [(pattern, handler, deps) for pattern, handler in routes],
+        [(pattern, handler, deps) for pattern, handler in ROUTES],
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
-        log_function=_log_and_count(routes),
+        log_function=_log_and_count(ROUTES),
         serve_traceback=False,
         compress_response=False,
     )
 
 
 def _log_and_count(
-    routes: Sequence[tuple[str, type]],
+    routes: list[tuple[str, type[tornado.web.RequestHandler]]],
 ) -> Callable[[tornado.web.RequestHandler], None]:
     """Tornado's ``log_function``: the redacted access line, then the request metrics.
 

@@ -61,13 +61,14 @@ async def mark_read(
     dialog is not the principal's. A lower seq changes nothing; one past the end raises."""
     try:
         async with db.engine.begin() as conn:
-            return await conn.scalar(
+            now = await conn.scalar(
                 _MARK_READ[principal.kind, side], {**principal.params(dialog_id), "seq": seq}
             )
     except IntegrityError as exc:
         if getattr(exc.orig, "sqlstate", None) == _CHECK_VIOLATION:
             raise ReadPastEndError(dialog_id) from None
         raise
+    return None if now is None else int(now)
 
 
 _PAGE = text(

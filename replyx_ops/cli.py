@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -19,7 +20,7 @@ from replyx.origins import normalize_origin
 from replyx.pg import EmbeddedPostgres, EmbeddedPostgresError, libpq_url, psql_binary
 from replyx.schema import SchemaMismatchError
 from replyx.settings import ConfigError, Settings
-from replyx_ops import check, stack
+from replyx_ops import chaos, check, stack, state
 from replyx_ops.bench import run as bench_run
 
 log = logging.getLogger("replyx")
@@ -38,14 +39,26 @@ def emit(value: Any) -> None:
 
 # An embedded server that a one-shot command had to start is stopped again when it ends,
 # so `replyx create-user …` leaves nothing running. `replyx run`, `dsn` and `psql` keep it.
-_started_embedded: list[Any] = []
+_started_embedded: list[EmbeddedPostgres] = []
+
+#: The commands that may create a database; every other one uses the stack it finds.
+CREATING = ("run", "migrate")
+#: Commands whose arguments after the command name go, as given, to another program.
+PASSTHROUGH = {"psql": "psql_args", "ctl": "ctl_args"}
 
 
-def database_url(settings: Settings, *, keep_running: bool = False) -> str:
+def database_url(settings: Settings, *, keep_running: bool = False, create: bool = False) -> str:
+    """``DATABASE_URL``, else the embedded server under the data dir (started when stopped).
+
+    Only with ``create`` (``replyx run`` and ``replyx migrate``) is a new embedded
+    database initialised; otherwise a data dir without one is an error that says so.
+    """
     if settings.database_url:
         return settings.database_url
 
     embedded = EmbeddedPostgres(settings.data_dir)
+    if not create and not (embedded.pgdata / "PG_VERSION").exists():
+        raise CommandError(state.not_found_message(settings))
     was_running = embedded.is_running()
     url = embedded.ensure_running()
     if not was_running and not keep_running:
@@ -74,8 +87,11 @@ def with_session(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-
-    url = database_url(settings)
+    # The stack this machine already has, when there is one; else a new database here.
+    found = state.find_data_dir(settings)
+    if found is not None:
+        settings = dataclasses.replace(settings, data_dir=found)
+    url = database_url(settings, create=True)
     before = schema.current_revision(url)
     schema.upgrade(url)
     emit({"from": before, "to": schema.current_revision(url)})
@@ -83,7 +99,6 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_create_user(settings: Settings, args: argparse.Namespace) -> int:
-
     if "@" not in args.email or len(args.email) > 320:
         raise CommandError(f"{args.email!r} is not an email address")
     if len(args.password) < 8:
@@ -99,7 +114,6 @@ def cmd_create_user(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_create_assistant(settings: Settings, args: argparse.Namespace) -> int:
-
     domains: list[str] = []
     for raw in args.domain:
         origin = normalize_origin(raw, default_scheme="https")
@@ -150,7 +164,10 @@ def cmd_remove_operator(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
-
+    if settings.jwt_secret_env is None and not (settings.data_dir / "jwt_secret").exists():
+        # Minting one here would sign with a key no server of the stack knows.
+        raise CommandError(f"no signing key in {settings.data_dir} (set REPLYX_JWT_SECRET,"
+                           f" or start the stack first); {state.not_found_message(settings)}")
     if not with_session(settings, lambda s: store.user_exists(s, args.user_id)):
         raise CommandError(f"no user with id {args.user_id}")
     ttl = args.ttl if args.ttl is not None else settings.jwt_ttl_seconds
@@ -164,27 +181,31 @@ def cmd_dsn(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_psql(settings: Settings, args: argparse.Namespace) -> int:
-
     url = libpq_url(database_url(settings, keep_running=True))
-    os.execv(psql_binary(), [psql_binary(), url, *args.psql_args])  # noqa: S606
-    return 0  # not reached
+    binary = psql_binary()
+    os.execv(binary, [binary, url, *args.psql_args])  # noqa: S606
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-
     return stack.run(settings, demo=not args.no_demo, nginx=not args.no_nginx)
 
 
 def cmd_ctl(settings: Settings, args: argparse.Namespace) -> int:
-
+    if state.running(settings.data_dir) is None:
+        looked = (str(settings.data_dir) if state.holds_a_stack(settings.data_dir)
+                  else " or ".join(str(d) for d in state.candidates(settings)))
+        raise CommandError(f"no stack is running (looked in {looked}): start one with"
+                           " `replyx run`, or point REPLYX_DATA_DIR at its data dir")
     return stack.supervisorctl(settings, args.ctl_args)
 
 
 def cmd_stop_db(settings: Settings, args: argparse.Namespace) -> int:
-
     if settings.database_url:
         raise CommandError("DATABASE_URL is set: the embedded server is not in use")
-    EmbeddedPostgres(settings.data_dir).stop()
+    embedded = EmbeddedPostgres(settings.data_dir)
+    if not (embedded.pgdata / "PG_VERSION").exists():
+        raise CommandError(state.not_found_message(settings))
+    embedded.stop()
     return 0
 
 
@@ -244,10 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=bench_run.main)
     bench_run.add_arguments(p)
 
-    p = sub.add_parser("dsn", help="print the database URL in use (starts the embedded server)")
+    p = sub.add_parser("chaos", help="the seeded fault soak, checked against the database")
+    p.set_defaults(func=chaos.main)
+    chaos.add_arguments(p)
+
+    p = sub.add_parser(
+        "dsn", help="print the database URL in use (starts the stack's embedded server)")
     p.set_defaults(func=cmd_dsn)
 
-    p = sub.add_parser("psql", help="psql on the database in use; extra arguments go to psql")
+    p = sub.add_parser(
+        "psql", help="psql on the database in use; every later argument goes to psql as given")
     p.add_argument("psql_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_psql)
 
@@ -260,17 +287,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """argparse, except that ``psql`` and ``ctl`` hand every later argument on as given.
+
+    (argparse's REMAINDER refuses a first argument that looks like an option, such
+    as ``psql -c "select 1"``.) A leading ``--`` is dropped; ``--help`` alone is ours.
+    """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if args_list and args_list[0] in PASSTHROUGH and args_list[1:] != ["--help"]:
+        command, rest = args_list[0], args_list[1:]
+        if rest[:1] == ["--"]:
+            rest = rest[1:]
+        args = parser.parse_args([command])
+        setattr(args, PASSTHROUGH[command], rest)
+        return args
+    return parser.parse_args(args_list)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         settings = Settings.from_environ()
     except ConfigError as exc:
         print(f"replyx: {exc}", file=sys.stderr)
         return 2
     logs.setup_logging(settings.log_level or "WARNING")
+    # The benchmark and the soak bring a stack and a database of their own.
+    if args.command not in CREATING and args.command not in ("bench", "chaos"):
+        # Whatever directory this runs in: the stack's data dir, ports and database.
+        settings = state.located(settings)
 
     try:
-        return args.func(settings, args)
+        code: int = args.func(settings, args)
+        return code
     except (CommandError, ConfigError, SchemaMismatchError, EmbeddedPostgresError) as exc:
         print(f"replyx {args.command}: {exc}", file=sys.stderr)
         return 1

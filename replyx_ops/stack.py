@@ -12,10 +12,12 @@ import dataclasses
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -24,13 +26,17 @@ from replyx import schema
 from replyx.pg import EmbeddedPostgres, redact_url
 from replyx.settings import Settings
 from replyx_ops import demo as demo_mod
+from replyx_ops import state
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
-def stack_environ(settings: Settings, database_url: str, *, nginx: bool) -> dict[str, str]:
-    """The environment supervisord and its programs run with."""
+def stack_environ(settings: Settings, database_url: str, *, front: str) -> dict[str, str]:
+    """The environment supervisord and its programs run with.
+
+    :param front: what serves NGINX_PORT, ``nginx`` or ``proxy`` (conf/supervisord.d/).
+    """
     # Every setting as this process read it (the data dir made absolute, the database the
     # one resolved here), then what only conf/supervisord.conf reads.
     env = dict(os.environ) | dataclasses.replace(settings, database_url=database_url).to_environ()
@@ -38,7 +44,7 @@ def stack_environ(settings: Settings, database_url: str, *, nginx: bool) -> dict
         {
             "REPLYX_ROOT": str(ROOT),
             "REPLYX_BIN": str(Path(sys.executable).parent),
-            "REPLYX_NGINX": "true" if nginx else "false",
+            "REPLYX_FRONT": front,
             "REPLYX_NGINX_BIN": shutil.which("nginx") or "/usr/sbin/nginx",
             "REPLYX_NGINX_CONF": str(settings.data_dir / "nginx" / "nginx.conf"),
             "PYTHONUNBUFFERED": "1",
@@ -85,7 +91,9 @@ def wait_for(url: str, timeout: float, proc: subprocess.Popen[Any] | None = None
 
 
 def supervisorctl(settings: Settings, ctl_args: list[str]) -> int:
-    env = stack_environ(settings, settings.database_url or "", nginx=False)
+    running = state.running(settings.data_dir)
+    front = running.front if running is not None and running.pid else "nginx"
+    env = stack_environ(settings, settings.database_url or "", front=front)
     argv = [
         str(Path(sys.executable).parent / "supervisorctl"),
         "-c", str(CONF / "supervisord.conf"),
@@ -94,8 +102,48 @@ def supervisorctl(settings: Settings, ctl_args: list[str]) -> int:
     return subprocess.call(argv, env=env)
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on ``host:port`` (a bind would fail)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def preflight(settings: Settings, lock: state.RunLock) -> str | None:
+    """Why this stack cannot start, before anything is started; None when it can.
+
+    Takes the data dir's lock on success (held until :meth:`RunLock.release`).
+    """
+    try:
+        lock.acquire()
+    except state.StackRunningError as exc:
+        return (f"{exc}.\nStop it first (Ctrl-C in its terminal, or kill -TERM"
+                f" {exc.state.pid if exc.state and exc.state.pid else '<its pid>'}),"
+                " or give this one another REPLYX_DATA_DIR and other ports.")
+    ports = [("BACKEND_PORT", settings.backend_port), ("GATEWAY_PORT", settings.gateway_port),
+             ("NGINX_PORT", settings.nginx_port)]
+    busy = [f"{name}={port}" for name, port in ports if port_in_use(settings.host, port)]
+    if busy:
+        lock.release()
+        return (f"{', '.join(busy)} already in use on {settings.host}: is another stack"
+                " running from another data dir? Stop it, or choose free ports"
+                f" ({' '.join(f'{name}=…' for name, _ in ports)}).")
+    return None
+
+
 def run(settings: Settings, *, demo: bool = True, nginx: bool = True) -> int:
+    lock = state.RunLock(settings.data_dir)
+    refusal = preflight(settings, lock)
+    if refusal is not None:
+        note(refusal)
+        return 1
     settings.log_dir.mkdir(parents=True, exist_ok=True)
+    front = "nginx" if nginx and nginx_available() else "proxy"
+    lock.write(state.StackState.of(settings, front))
     embedded: EmbeddedPostgres | None = None
     started_db = False
     supervisord: subprocess.Popen[bytes] | None = None
@@ -108,6 +156,9 @@ def run(settings: Settings, *, demo: bool = True, nginx: bool = True) -> int:
             note("stopping…")
             if supervisord is not None:
                 supervisord.send_signal(signal.SIGTERM)
+
+    def stopped() -> bool:
+        return stopping  # read through a call: the signal handler sets it at any line
 
     # From the first line: a signal during the migrations must still stop what was started.
     stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -123,18 +174,17 @@ def run(settings: Settings, *, demo: bool = True, nginx: bool = True) -> int:
         schema.upgrade(url)
         note(f"schema at {schema.head_revision()}")
         settings.jwt_secret()  # create the development key before the workers race for it
-        if stopping:
+        if stopped():
             return 0
 
-        use_nginx = nginx and nginx_available()
-        if use_nginx:
+        if front == "nginx":
             render_nginx_conf(settings)
         supervisord = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "supervisord"),
                 "-n", "-c", str(CONF / "supervisord.conf"),
             ],
-            env=stack_environ(settings, url, nginx=use_nginx),
+            env=stack_environ(settings, url, front=front),
             cwd=str(ROOT),
             # Own session: a terminal's Ctrl-C reaches us, and we stop supervisord in order.
             start_new_session=True,
@@ -142,10 +192,11 @@ def run(settings: Settings, *, demo: bool = True, nginx: bool = True) -> int:
         host = settings.host
         backend_ok = wait_for(f"http://{host}:{settings.backend_port}/health", 60, supervisord)
         gateway_ok = wait_for(f"http://{host}:{settings.gateway_port}/health", 60, supervisord)
-        if stopping:
+        front_ok = wait_for(f"http://{host}:{settings.nginx_port}/health", 30, supervisord)
+        if stopped():
             pass
         elif backend_ok and gateway_ok:
-            print_banner(settings, url, use_nginx, demo)
+            print_banner(settings, url, Front(front, front_ok, nginx_available()), demo)
         elif supervisord.poll() is None:
             note(f"the stack did not become healthy; see the logs in {settings.log_dir}")
         while supervisord.poll() is None:
@@ -162,6 +213,7 @@ def run(settings: Settings, *, demo: bool = True, nginx: bool = True) -> int:
         if embedded is not None and started_db:
             note("stopping the embedded Postgres")
             embedded.stop()
+        lock.release()
     return 0 if stopping else (supervisord.returncode or 0)
 
 
@@ -169,7 +221,33 @@ def note(message: str) -> None:
     print(f"replyx run: {message}", file=sys.stderr, flush=True)
 
 
-def print_banner(settings: Settings, url: str, nginx: bool, demo: bool) -> None:
+@dataclass(frozen=True)
+class Front:
+    """What serves NGINX_PORT, for the banner: ``nginx`` or ``proxy`` (the Python stand-in)."""
+
+    kind: str
+    answering: bool
+    nginx_installed: bool
+
+
+def front_lines(settings: Settings, front: Front) -> list[str]:
+    """The banner's lines about NGINX_PORT: what serves it, and what does not run."""
+    url = f"http://{settings.host}:{settings.nginx_port}"
+    log_file = f"log {settings.log_dir}/{front.kind}.log"
+    if not front.answering:
+        return [f"  {front.kind:<7}  {url}  NOT answering: the demo pages are down; see {log_file}"]
+    if front.kind == "nginx":
+        return [f"  nginx    {url}  (/api/ → backend, /ws/ and /demo/ → gateway)   {log_file}"]
+    why = "nginx is not installed" if not front.nginx_installed else "--no-nginx"
+    return [
+        f"  proxy    {url}  (/api/ → backend, /ws/ and /demo/ → gateway)   {log_file}",
+        f"           nginx does not run ({why}): a Python stand-in (replyx_ops.proxy) routes"
+        " as conf/nginx.conf does;",
+        "           fine for trying it, not for production (apt-get install nginx-light).",
+    ]
+
+
+def print_banner(settings: Settings, url: str, front: Front, demo: bool) -> None:
     host = settings.host
     api = f"http://{host}:{settings.backend_port}"
     ws = f"ws://{host}:{settings.gateway_port}"
@@ -179,30 +257,25 @@ def print_banner(settings: Settings, url: str, nginx: bool, demo: bool) -> None:
         f"  backend  {api}   (gunicorn, {settings.backend_workers} workers)"
         f"   log {settings.log_dir}/backend.log",
         f"  gateway  {ws}     (one process)           log {settings.log_dir}/gateway.log",
-    ]
-    if nginx:
-        lines.append(
-            f"  nginx    http://{host}:{settings.nginx_port}  (/api/ → backend, /ws/ → gateway)"
-        )
-    lines += [
+        *front_lines(settings, front),
         f"  health   curl {api}/health ; curl http://{host}:{settings.gateway_port}/health",
         f"  debug    curl http://{host}:{settings.gateway_port}/api/debug/websocket/status",
         f"  metrics  curl {api}/metrics ; curl http://{host}:{settings.gateway_port}/metrics",
+        f"  api      {api}/api/openapi.json   (OpenAPI 3.1)",
         "  check    .venv/bin/replyx check      (one line per part of the architecture)",
         "  psql     .venv/bin/replyx psql     then: LISTEN replyx_events;",
-        "  control  .venv/bin/replyx ctl status | restart backend | restart gateway",
+        f"  control  .venv/bin/replyx ctl status | restart backend | restart gateway"
+        f" | restart {front.kind}",
     ]
     if demo:
-
         tenant = demo_mod.ensure_demo_tenant(settings, url)
         lines += ["", "Try it with the demo tenant:", *demo_mod.try_it_lines(settings, tenant)]
-        if nginx:
-            pages = f"http://{host}:{settings.nginx_port}/demo"
-            lines += [
-                "  # 6. in a browser, side by side: the site widget (it opens a new dialog)",
-                f"  {pages}/widget.html?assistant_id={tenant['assistant_id']}",
-                "  #    and the operator panel: log in as above, pick the widget's dialog",
-                f"  {pages}/admin.html",
-            ]
+        pages = f"http://{host}:{settings.nginx_port}/demo"
+        lines += [
+            "  # 6. in a browser, side by side: the site widget (it opens a dialog of its own)",
+            f"  {pages}/widget.html?assistant_id={tenant['assistant_id']}",
+            "  #    and the operator panel: log in as above, pick the widget's dialog",
+            f"  {pages}/admin.html",
+        ]
     lines += ["", "Ctrl-C stops everything.", ""]
     print("\n".join(lines), flush=True)

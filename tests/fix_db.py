@@ -1,8 +1,13 @@
 """The database under test: a fresh one per session, migrated to head.
 
-With ``DATABASE_URL`` set, a new database ``replyx_test_<random>`` is created on that
+With ``REPLYX_TEST_DATABASE_URL`` set (the suite's own variable, as psycopg's tests
+use ``PSYCOPG_TEST_DSN``), a new database ``replyx_test_<random>`` is created on that
 server and dropped afterwards. Without it, an embedded Postgres (pgserver's binaries)
 is started in a temporary directory, so no test is ever skipped for want of a server.
+
+``DATABASE_URL`` is the product's variable, never the suite's: a developer's shell
+that has it set must not point the tests at that database. In-process apps get
+their URL explicitly, and every child process gets :func:`child_environ`.
 """
 
 from __future__ import annotations
@@ -34,6 +39,19 @@ T = TypeVar("T")
 TEST_JWT_SECRET = "test-secret-" + "x" * 40
 remember(TEST_JWT_SECRET, "the test JWT key")
 
+TEST_DATABASE_VARIABLE = "REPLYX_TEST_DATABASE_URL"
+#: Variables that choose a database in the product; children get theirs explicitly or none.
+DATABASE_VARIABLES = ("DATABASE_URL", "REPLYX_LISTEN_DATABASE_URL", TEST_DATABASE_VARIABLE)
+
+
+def child_environ(**env: str) -> dict[str, str]:
+    """This process's environment for a child (``replyx …``), minus every database variable.
+
+    The child then uses the embedded server of its data dir, or the URL given in ``env``.
+    """
+    base = {k: v for k, v in os.environ.items() if k not in DATABASE_VARIABLES}
+    return {**base, **env}
+
 
 def run_async(work: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine to completion on a private loop in a worker thread.
@@ -60,7 +78,7 @@ def new_database(server_url: str, prefix: str = "replyx_test") -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
-    server = os.environ.get("DATABASE_URL")
+    server = os.environ.get(TEST_DATABASE_VARIABLE)
     if server:
         with new_database(server) as url:
             schema.upgrade(url)

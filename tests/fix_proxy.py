@@ -7,7 +7,10 @@ It models the network faults a LISTEN connection meets in production:
   when a NAT or firewall silently drops the flow. Bytes already read wait in the
   proxy and flow again after ``forward()``, the way TCP retransmits after a
   partition heals; new connections are accepted and hang the same way;
-* ``cut()``: every open connection is reset at once.
+* ``cut()``: every open connection is reset at once;
+* ``hold_new()``: connections already open flow on, new ones are accepted and hang
+  until ``release_new()`` (a server that cannot be reached again yet). It keeps a
+  reconnect from succeeding for exactly as long as a test needs.
 
 The target is a TCP ``(host, port)`` or a Unix socket path: the embedded
 Postgres listens only on a Unix socket, the shared server on TCP.
@@ -55,6 +58,9 @@ class Proxy:
         self.accepted = 0
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._admitting = asyncio.Event()
+        self._admitting.set()
+        self.held = 0  # connections waiting in hold_new()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -73,6 +79,12 @@ class Proxy:
 
     def blackhole(self) -> None:
         self._flowing.clear()
+
+    def hold_new(self) -> None:
+        self._admitting.clear()
+
+    def release_new(self) -> None:
+        self._admitting.set()
 
     def cut(self) -> None:
         for writer in list(self._writers):
@@ -95,6 +107,14 @@ class Proxy:
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.accepted += 1
         self._writers.add(client_w)
+        if not self._admitting.is_set():
+            self.held += 1
+            try:
+                await self._admitting.wait()
+            finally:
+                self.held -= 1
+            if client_w.is_closing():
+                return
         try:
             if isinstance(self.target, str):
                 server_r, server_w = await asyncio.open_unix_connection(self.target)

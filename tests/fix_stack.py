@@ -4,48 +4,22 @@ the gateway, nginx when installed) on free ports, against the test database."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from replyx.pg import EmbeddedPostgres
-from tests.fix_db import TEST_JWT_SECRET, cluster_dir
+from replyx_ops.stack import nginx_available
+from tests.fix_db import TEST_JWT_SECRET, child_environ, cluster_dir
 from tests.fix_secrets import TOKEN_SHAPES, remember, watch_dir
+from tests.net import free_port, http_status
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_status(url: str, timeout: float = 2.0) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
-
-
-def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if http_status(url) == status:
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer {status} within {timeout}s")
 
 
 class Stack:
@@ -56,8 +30,7 @@ class Stack:
         self.backend_port = free_port()
         self.gateway_port = free_port()
         self.nginx_port = free_port()
-        self.env = {
-            **os.environ,
+        self.env = child_environ(**{
             "REPLYX_DATA_DIR": str(data_dir),
             "REPLYX_JWT_SECRET": TEST_JWT_SECRET,
             "BACKEND_PORT": str(self.backend_port),
@@ -67,10 +40,8 @@ class Stack:
             "REPLYX_PROBE_INTERVAL": "0.5",
             "REPLYX_PROBE_TIMEOUT": "1.0",
             **env,
-        }
-        if database_url is None:
-            self.env.pop("DATABASE_URL", None)
-        else:
+        })
+        if database_url is not None:
             self.env["DATABASE_URL"] = database_url
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -125,6 +96,13 @@ class Stack:
     def log(self, name: str) -> str:
         path = self.data_dir / "log" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def logs(self, name: str) -> str:
+        """A program's log with its rotated files, oldest first."""
+        log_dir = self.data_dir / "log"
+        files = sorted(log_dir.glob(f"{name}.log.*"), key=lambda p: -int(p.suffix[1:]))
+        return "".join(p.read_text(errors="replace") for p in [*files, log_dir / f"{name}.log"]
+                       if p.exists())
 
     def ctl(self, *args: str, check: bool = True) -> str:
         result = subprocess.run(
@@ -189,3 +167,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterat
     s = Stack(tmp_path_factory.mktemp("stack"), database_url).start("--no-demo")
     yield s
     s.stop()
+
+
+#: Log rotation of the ``ops`` stack: small, so test_logs.py sees it rotate.
+LOG_MAX_BYTES = 32 * 1024
+LOG_BACKUPS = 3
+
+
+@pytest.fixture(scope="session")
+def ops(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[Stack]:
+    """Run it like production: one ``replyx run`` with nginx for the operations tests
+    (test_check, test_metrics, test_processes, test_logs, test_browser).
+
+    Started on first use and shared by those modules, which would otherwise start one
+    each; a test that stops or breaks a part of it puts it back before it ends, and
+    counters are compared before and after, never read as totals.
+    """
+    assert nginx_available(), "nginx is not installed: apt-get install nginx-light (.ci/run does)"
+    stack = Stack(
+        tmp_path_factory.mktemp("ops"), database_url,
+        REPLYX_LOG_MAX_BYTES=str(LOG_MAX_BYTES), REPLYX_LOG_BACKUPS=str(LOG_BACKUPS),
+    ).start("--no-demo")
+    yield stack
+    stack.stop()

@@ -7,12 +7,11 @@ benchmark on a quiet machine, never asserted by the suite.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.fix_db import TEST_JWT_SECRET
+from tests.fix_db import TEST_JWT_SECRET, child_environ
 
 BIN = Path(sys.executable).parent
 
@@ -20,13 +19,12 @@ LATENCY_KEYS = {"latency_ms", "sockets", "rate_msgs_per_s", "lost", "fanout_fram
 
 
 def test_tiny_bench_reports_every_key_and_loses_nothing(tmp_path: Path, database_url: str) -> None:
-    env = {
-        **os.environ,
+    env = child_environ(
         # The bench makes (and drops) a database of its own on this server.
-        "DATABASE_URL": database_url,
-        "REPLYX_DATA_DIR": str(tmp_path / "var"),
-        "REPLYX_JWT_SECRET": TEST_JWT_SECRET,
-    }
+        DATABASE_URL=database_url,
+        REPLYX_DATA_DIR=str(tmp_path / "var"),
+        REPLYX_JWT_SECRET=TEST_JWT_SECRET,
+    )
     result = subprocess.run(
         [str(BIN / "replyx"), "bench", "--tiny", "--json", "--output", str(tmp_path / "out")],
         env=env, capture_output=True, text=True, timeout=240, check=False,

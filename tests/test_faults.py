@@ -1,7 +1,7 @@
 """Faults of the LISTEN path and the database, against the in-process backend and gateway.
 
 Each test breaks something while messages flow, then compares every socket with the
-database: exactly seq 1..N of the dialog, in order, once (see ``tests/checks.py``).
+database: exactly seq 1..N of the dialog, in order, once (see ``tests/consistency.py``).
 The socket-level faults of the real stack (backend and gateway restarts, a slow
 consumer) are in ``test_faults_stack.py``.
 """
@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +23,11 @@ from tornado.ioloop import IOLoop
 from replyx import schema
 from replyx.pg import EmbeddedPostgres
 from replyx_client import DialogClient
-from tests.checks import (
-    assert_match_database,
-    get_json,
-    open_three,
-    site_poster,
-    wait_status,
-)
+from tests.consistency import assert_match_database, open_three, site_poster
 from tests.fix_apps import Api, Sockets, start_backend, start_gateway
 from tests.fix_db import Tenant, cluster_dir, create_tenant, make_settings
 from tests.fix_proxy import Proxy, postgres_target, via_proxy
+from tests.net import get_json, wait_status
 from ws_gateway.app import Gateway
 
 INSERT = "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, %s, %s)"
@@ -41,34 +36,67 @@ INSERT = "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, %s, %s)"
 # -- 1. the LISTEN connection is killed ------------------------------------------------
 
 
-@pytest.mark.gen_test(timeout=90)
+@pytest.mark.gen_test(timeout=120)
 async def test_listener_killed_while_posting_loses_nothing(
-    api: Api, gateway: Gateway, sockets: Sockets, tenant: Tenant, database_url: str,
+    api: Api, tenant: Tenant, database_url: str, tmp_path: Path, make_proxy: Any,
     sql: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, "ws_gateway")
-    dialog_id, guest = await api.widget_dialog(tenant)
-    clients = await open_three(sockets, tenant, dialog_id, guest, since=0)
-    poster = site_poster(api, tenant, dialog_id, rate=40).start()
-    pids = [gateway.listener.backend_pid]
-    for round_ in range(1, 3):
-        await poster.wait_created(30 * round_)
-        killed = gateway.listener.backend_pid
-        sql.execute("SELECT pg_terminate_backend(%s)", (killed,))
-        deadline = time.monotonic() + 30
-        while not (gateway.listener.is_up and gateway.listener.backend_pid != killed):
-            assert time.monotonic() < deadline, "the listener did not come back"
-            await asyncio.sleep(0.02)
-        pids.append(gateway.listener.backend_pid)
-    await poster.wait_created(90)
-    await poster.stop()
+    """The LISTEN connection is killed (pg_terminate_backend) twice while messages are
+    posted, and its reconnect is held back (the proxy it goes through hangs new
+    connections) until messages have been committed in the outage for certain. Posting
+    stops before the reconnect is let through, so no later message can reveal the gap:
+    only the gateway's resync after reconnecting fills it.
 
-    last = await assert_match_database(database_url, dialog_id, clients)
-    assert last == poster.created >= 90
-    assert len(set(pids)) == 3 and gateway.listener.reconnects == 2
-    assert all(c.connects == 1 and c.close_codes == [] for c in clients)
-    assert caplog.text.count("LISTEN connection lost: connection closed by the server") == 2
-    assert "resyncing 1 dialog(s) from the database" in caplog.text
+    Checked: with Router.resync_all locally logging but not resyncing (reverted), this
+    fails, while the old version (no hold, posting through the reconnect) passed.
+    """
+    caplog.set_level(logging.INFO, "ws_gateway")
+    proxy: Proxy = await make_proxy(postgres_target(database_url))
+    settings = make_settings(
+        tmp_path / "var", REPLYX_LISTEN_DATABASE_URL=via_proxy(database_url, proxy.port))
+    gateway = Gateway(settings, database_url)
+    await gateway.start(port=0, host="127.0.0.1")
+    sockets = Sockets(f"ws://127.0.0.1:{gateway.port}")
+    try:
+        dialog_id, guest = await api.widget_dialog(tenant)
+        clients = await open_three(sockets, tenant, dialog_id, guest, since=0)
+        pids = [gateway.listener.backend_pid]
+        created = 0
+        for _ in range(2):
+            poster = site_poster(api, tenant, dialog_id, rate=40).start()
+            await poster.wait_created(20)
+            proxy.hold_new()
+            killed = gateway.listener.backend_pid
+            sql.execute("SELECT pg_terminate_backend(%s)", (killed,))
+            await eventually(lambda: not gateway.listener.is_up and proxy.held > 0,
+                             "the listener down, its reconnect held")
+            await poster.wait_created(poster.created + 20)
+            await poster.stop()
+            created += poster.created
+            # Down from before these 20 posts to after the last: committed while no LISTEN
+            # was open, so nothing but a resync can bring them to the sockets.
+            assert not gateway.listener.is_up and proxy.held > 0
+            proxy.release_new()
+            await eventually(lambda k=killed: gateway.listener.is_up
+                             and gateway.listener.backend_pid != k, "the listener back")
+            pids.append(gateway.listener.backend_pid)
+            last = await assert_match_database(database_url, dialog_id, clients)
+            assert last == created
+
+        assert len(set(pids)) == 3 and gateway.listener.reconnects == 2
+        assert all(c.connects == 1 and c.close_codes == [] for c in clients)
+        assert caplog.text.count("LISTEN connection lost: connection closed by the server") == 2
+        assert caplog.text.count("resyncing 1 dialog(s) from the database") == 2
+    finally:
+        await sockets.close_all()
+        await gateway.stop()
+
+
+async def eventually(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout}s for {what}"
+        await asyncio.sleep(0.02)
 
 
 # -- 2. the LISTEN connection dies silently ----------------------------------------------
@@ -316,7 +344,7 @@ def second_gateway(io_loop: IOLoop, settings: Any, database_url: str) -> Iterato
 async def test_two_gateways_share_the_sockets_of_one_dialog(
     api: Api, gateway: Gateway, second_gateway: Gateway, tenant: Tenant, database_url: str,
 ) -> None:
-    assert gateway.port != second_gateway.port
+    # Each its own LISTEN session. (Their ports differ by construction: two port-0 binds.)
     assert gateway.listener.backend_pid != second_gateway.listener.backend_pid
     one = Sockets(f"ws://127.0.0.1:{gateway.port}")
     two = Sockets(f"ws://127.0.0.1:{second_gateway.port}")

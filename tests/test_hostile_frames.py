@@ -75,7 +75,13 @@ async def test_frames_over_64_kib_close_1009(api: Api, sockets: Sockets, tenant:
     watcher = await sockets.open(sockets.site_url(tenant, dialog_id))
 
     exact = await raw_site_socket(sockets, tenant, dialog_id)
-    await exact.send(TEXT, b'{"type":"ping","pad":"' + b"x" * (MAX_FRAME - 25) + b'"}')
+    head, tail = b'{"type":"ping","pad":"', b'"}'
+    boundary = head + b"x" * (MAX_FRAME - len(head) - len(tail)) + tail
+    # Exactly 65,536 bytes, so a limit written as >= instead of > is caught. (Checked: with
+    # the gateway's websocket_max_message_size locally set one byte lower, this socket is
+    # closed 1009 and the test fails; the old 65,535-byte frame passed.)
+    assert len(boundary) == MAX_FRAME == 65_536
+    await exact.send(TEXT, boundary)
     await exact.send_json({"type": "ping"})
     assert await exact.read_json("pong") == {"type": "pong"}  # 64 KiB itself is fine
 

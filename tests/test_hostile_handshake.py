@@ -24,18 +24,18 @@ import jwt
 import orjson
 import psutil
 import pytest
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
-from tornado.websocket import websocket_connect
 
 from replyx import security
 from replyx.settings import ConfigError, Settings
-from replyx_client import DialogClient, DialogClosedError
-from tests.fix_apps import Api, Sockets
-from tests.fix_db import TEST_JWT_SECRET, Tenant, make_settings
+from replyx_client import DialogClient
+from tests.fix_apps import Api, Sockets, refusal
+from tests.fix_db import TEST_JWT_SECRET, Tenant, child_environ, make_settings
 from tests.fix_secrets import remember
+from tests.net import get_json
 from ws_gateway.app import Gateway
 
 KEY = TEST_JWT_SECRET.encode()
+ORIGIN_REFUSED = "origin not allowed for this assistant"
 WIDGET_HOST = "https://widget.replyx.example"
 BIN = Path(sys.executable).parent
 
@@ -103,34 +103,10 @@ def forged_tokens(user_id: int, good: str) -> dict[str, str]:
     }
 
 
-async def close_of(url: str, headers: dict[str, str] | None = None) -> tuple[int | None, str]:
-    """Open a socket that must be refused; its close code and reason."""
-    conn = await websocket_connect(HTTPRequest(url, headers=headers, request_timeout=10))
-    while await conn.read_message() is not None:
-        pass
-    return conn.close_code, conn.close_reason or ""
-
-
 async def opens(url: str, origin: str | None = None) -> None:
     client = DialogClient(url, origin=origin, resume=False)
     await client.connect()
     await client.close()
-
-
-async def refused(url: str, origin: str | None = None) -> tuple[int | None, str]:
-    client = DialogClient(url, origin=origin, resume=False)
-    try:
-        await client.connect()
-    except DialogClosedError as exc:
-        return exc.code, exc.reason or ""
-    await client.close()
-    raise AssertionError(f"{client.safe_url} with Origin {origin} was accepted")
-
-
-async def get(url: str, **headers: str) -> tuple[int, Any]:
-    response = await AsyncHTTPClient().fetch(url, headers=headers, raise_error=False)
-    body = response.body or b""
-    return response.code, orjson.loads(body) if body[:1] == b"{" else body
 
 
 # -- 1. operator JWTs ----------------------------------------------------------------------
@@ -146,22 +122,22 @@ async def test_every_forged_or_broken_jwt_gets_4001_and_401(
     proxied = {"X-Real-IP": "203.0.113.7"}
     for name, token in forged_tokens(tenant.user_id, tenant.token).items():
         quoted = quote(token, safe="")
-        assert await close_of(f"{sockets.base}/ws/dialogs/{dialog_id}?token={quoted}") == (
+        assert await refusal(f"{sockets.base}/ws/dialogs/{dialog_id}?token={quoted}") == (
             4001, "missing, invalid or expired token"), name
-        code, _ = await close_of(f"{sockets.base}/ws/dialogs/{dialog_id}",
-                                 {"Authorization": f"Bearer {token}"})
-        assert code == 4001, name
+        assert await refusal(f"{sockets.base}/ws/dialogs/{dialog_id}",
+                             headers={"Authorization": f"Bearer {token}"}) == (
+            4001, "missing, invalid or expired token"), name
         r = await api.request("GET", f"/api/dialogs/{dialog_id}/messages", token=token)
         assert r.code == 401, name
         assert r.body == {"error": "missing, invalid or expired operator token"}, name
         r = await api.request("GET", f"/api/dialogs?token={quoted}")
         assert r.code == 401, name
-        code, body = await get(debug, Authorization=f"Bearer {token}", **proxied)
+        code, body = await get_json(debug, Authorization=f"Bearer {token}", **proxied)
         assert code == 401 and set(body) == {"error"}, name
 
     # The genuine token, in both places, still works: the refusals above are about the tokens.
     await sockets.open(sockets.admin_url(tenant, dialog_id))
-    code, _ = await get(debug, Authorization=f"Bearer {tenant.token}", **proxied)
+    code, _ = await get_json(debug, Authorization=f"Bearer {tenant.token}", **proxied)
     assert code == 200
 
 
@@ -201,7 +177,7 @@ def test_short_jwt_keys_are_refused_at_start_up(tmp_path: Path) -> None:
     assert short not in str(caught.value)
     Settings.from_environ({"REPLYX_DATA_DIR": str(tmp_path), "REPLYX_JWT_SECRET": "k" * 32})
 
-    env = {**os.environ, "REPLYX_DATA_DIR": str(tmp_path), "REPLYX_JWT_SECRET": short}
+    env = child_environ(REPLYX_DATA_DIR=str(tmp_path), REPLYX_JWT_SECRET=short)
     for argv in ([str(BIN / "python"), "-m", "ws_gateway"],
                  [str(BIN / "replyx"), "run", "--no-demo"],
                  [str(BIN / "replyx"), "token", "--user-id", "1"]):
@@ -288,22 +264,24 @@ async def test_every_credential_reaches_only_its_own_dialogs_on_sockets(
     ]
     reasons = set()
     for url, origin in not_yours + not_found:
-        code, reason = await refused(url, origin)
+        code, reason = await refusal(url, origin)
         assert code == 4004, url
         reasons.add(reason)
     assert reasons == {"dialog not found"}  # "not yours" and "not there" look the same
 
     # A credential of one kind is no credential of another.
+    operator, site, guest = ("missing, invalid or expired token", "invalid site token",
+                             "invalid guest token")
     wrong_kind = [
-        f"{base}/ws/dialogs/{a_widget}?token={quote(a_guest)}",
-        f"{base}/ws/dialogs/{a_widget}?token={quote(alice.site_token)}",
-        f"{base}/ws/site/dialogs/{a_widget}?site_token={quote(alice.token)}",
-        f"{base}/ws/site/dialogs/{a_widget}?site_token={quote(a_guest)}",
-        widget(a_widget, alice.site_token),
-        widget(a_widget, alice.token),
+        (f"{base}/ws/dialogs/{a_widget}?token={quote(a_guest)}", operator),
+        (f"{base}/ws/dialogs/{a_widget}?token={quote(alice.site_token)}", operator),
+        (f"{base}/ws/site/dialogs/{a_widget}?site_token={quote(alice.token)}", site),
+        (f"{base}/ws/site/dialogs/{a_widget}?site_token={quote(a_guest)}", site),
+        (widget(a_widget, alice.site_token), guest),
+        (widget(a_widget, alice.token), guest),
     ]
-    for url in wrong_kind:
-        assert (await refused(url, shop))[0] == 4001, url
+    for url, reason in wrong_kind:
+        assert await refusal(url, shop) == (4001, reason), url
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -386,7 +364,7 @@ async def test_spoofed_and_missing_origins_are_refused_with_4003_and_logged(
     caplog.set_level(logging.INFO)
 
     for origin in [*SPOOFS, "http://localhost:3001", "http://localhost", None]:
-        assert (await refused(url, origin))[0] == 4003, origin
+        assert await refusal(url, origin) == (4003, ORIGIN_REFUSED), origin
         headers = {"Origin": origin} if origin else {}
         r = await api.request("POST", "/api/widget/dialogs", {"assistant_id": tenant.assistant_id},
                               headers=headers)
@@ -416,8 +394,9 @@ async def test_parent_origin_counts_only_inside_our_own_iframe(
     await opens(url("https://shop.example"), WIDGET_HOST)
     await opens(url("evil"), "https://shop.example")  # ignored outside the iframe
     for parent in [*SPOOFS, "", None]:
-        assert (await refused(url(parent), WIDGET_HOST))[0] == 4003, parent
-    assert (await refused(url("https://shop.example"), "https://evil.example"))[0] == 4003
+        assert await refusal(url(parent), WIDGET_HOST) == (4003, ORIGIN_REFUSED), parent
+    assert await refusal(url("https://shop.example"), "https://evil.example") == (
+        4003, ORIGIN_REFUSED)
 
     async def create(origin: str, parent: str | None) -> int:
         body: dict[str, Any] = {"assistant_id": tenant.assistant_id}
@@ -453,7 +432,8 @@ async def test_an_operator_socket_is_closed_4001_when_its_token_expires(
     await api.post_site(tenant, dialog_id, "after the expiry")
     await lasting.wait_for_seq(1)
     # And the expired token cannot open a new socket.
-    assert (await refused(f"{sockets.base}/ws/dialogs/{dialog_id}?token={short}"))[0] == 4001
+    assert await refusal(f"{sockets.base}/ws/dialogs/{dialog_id}?token={short}") == (
+        4001, "missing, invalid or expired token")
 
 
 # -- 5. debug endpoints and /metrics -----------------------------------------------------------
@@ -475,27 +455,27 @@ async def test_debug_needs_an_operator_token_behind_any_proxy_header(
     proxies = ({"X-Forwarded-For": "203.0.113.9"}, {"X-Real-IP": "203.0.113.9"},
                {"X-Real-IP": "127.0.0.1"}, {"X-Forwarded-For": "127.0.0.1, 10.0.0.1"})
     for path in (p.format(d=dialog_id) for p in DEBUG_PATHS):
-        code, _ = await get(base + path)
+        code, _ = await get_json(base + path)
         assert code == 200, path  # a direct loopback peer: no token needed
         for proxy in proxies:
             for auth in ({}, {"Authorization": "Bearer garbage"},
                          {"Authorization": f"Bearer {expired}"}):
-                code, body = await get(base + path, **proxy, **auth)
+                code, body = await get_json(base + path, **proxy, **auth)
                 assert code == 401 and body == {"error": "an operator token is required"}, (
                     path, proxy, auth)
-            code, _ = await get(base + path, **proxy, Authorization=f"Bearer {alice.token}")
+            code, _ = await get_json(base + path, **proxy, Authorization=f"Bearer {alice.token}")
             assert code == 200, path
         sep = "&" if "?" in path else "?"
-        code, _ = await get(f"{base}{path}{sep}token={quote(alice.token)}", **proxies[0])
+        code, _ = await get_json(f"{base}{path}{sep}token={quote(alice.token)}", **proxies[0])
         assert code == 200, path
 
-    code, status = await get(base + DEBUG_PATHS[0], Authorization=f"Bearer {bob.token}",
+    code, status = await get_json(base + DEBUG_PATHS[0], Authorization=f"Bearer {bob.token}",
                              **proxies[0])
     assert code == 200 and status["dialogs"] == {} and status["connections"]["total"] == 0
-    code, body = await get(base + DEBUG_PATHS[1].format(d=dialog_id),
+    code, body = await get_json(base + DEBUG_PATHS[1].format(d=dialog_id),
                            Authorization=f"Bearer {bob.token}", **proxies[0])
     assert code == 404 and body == {"error": "dialog not found"}
-    code, _ = await get(base + "/health", **proxies[0])
+    code, _ = await get_json(base + "/health", **proxies[0])
     assert code == 200  # health stays public: it holds no dialog data
 
 
@@ -524,15 +504,15 @@ async def test_debug_from_another_address_needs_an_operator_token(
                               f"?site_token={quote(alice.site_token)}")
         await client.connect()
         for path in (p.format(d=dialog_id) for p in DEBUG_PATHS):
-            code, _ = await get(base + path)
+            code, _ = await get_json(base + path)
             assert code == 401, path
-            code, _ = await get(base + path, Authorization=f"Bearer {alice.token}")
+            code, _ = await get_json(base + path, Authorization=f"Bearer {alice.token}")
             assert code == 200, path
-        code, status = await get(base + DEBUG_PATHS[0], Authorization=f"Bearer {alice.token}")
+        code, status = await get_json(base + DEBUG_PATHS[0], Authorization=f"Bearer {alice.token}")
         assert status["dialogs"] == {str(dialog_id): {"admin": 0, "widget": 0, "site": 1}}
-        code, status = await get(base + DEBUG_PATHS[0], Authorization=f"Bearer {bob.token}")
+        code, status = await get_json(base + DEBUG_PATHS[0], Authorization=f"Bearer {bob.token}")
         assert status["dialogs"] == {}
-        code, _ = await get(base + DEBUG_PATHS[1].format(d=dialog_id),
+        code, _ = await get_json(base + DEBUG_PATHS[1].format(d=dialog_id),
                             Authorization=f"Bearer {bob.token}")
         assert code == 404
         await client.close()

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 
@@ -71,35 +72,92 @@ def test_explicit_wrong_seq_is_refused(sql: psycopg.Connection[Any], tenant: Ten
     assert seqs(sql, dialog) == [1]
 
 
-def test_concurrent_writers_get_commit_ordered_seqs(
+@pytest.mark.parametrize("first_commits", [True, False])
+def test_a_second_writer_waits_for_the_first_and_gets_the_next_seq(
+    database_url: str, sql: psycopg.Connection[Any], tenant: Tenant, first_commits: bool
+) -> None:
+    """seq is taken under the dialog's row lock, held to commit: a second writer waits for the
+    first, then gets the seq after the first's if it committed, or its seq if it rolled back.
+
+    Checked: with replyx_assign_seq() in migrations/versions/0001_initial.py locally changed
+    to read max(seq) + 1 before taking the row lock, the second writer gets no seq (a unique
+    violation) and this fails; so does the test below, while the old concurrent test passed.
+    """
+    dialog = new_dialog(sql, tenant)
+    sql.execute(INSERT, (dialog, "visitor", "0"))
+    second_seq: list[int] = []
+    second_pid: list[int] = []
+
+    def second() -> None:
+        with psycopg.connect(database_url) as conn:
+            second_pid.append(conn.info.backend_pid)
+            row = conn.execute(INSERT + " RETURNING seq", (dialog, "visitor", "second")).fetchone()
+            second_seq.append(row[0])
+
+    with psycopg.connect(database_url) as first:
+        row = first.execute(INSERT + " RETURNING seq", (dialog, "visitor", "first")).fetchone()
+        assert row == (2,)
+        writer = threading.Thread(target=second)
+        writer.start()
+        # The second INSERT is parked on the dialog's row lock, not merely slow.
+        deadline = time.monotonic() + 10
+        while not (second_pid and sql.execute(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                (second_pid[0],)).fetchone() == ("Lock",)):
+            assert not second_seq, f"the second writer got seq {second_seq} without waiting"
+            assert time.monotonic() < deadline, "the second writer never waited on a lock"
+            time.sleep(0.02)
+        assert not second_seq
+        if first_commits:
+            first.commit()
+        else:
+            first.rollback()
+        writer.join(10)
+    expected = [1, 2, 3] if first_commits else [1, 2]
+    assert second_seq == [expected[-1]]
+    assert seqs(sql, dialog) == expected
+
+
+def test_concurrent_writers_get_gap_free_seqs_notified_in_seq_order(
     database_url: str, sql: psycopg.Connection[Any], tenant: Tenant
 ) -> None:
-    """Many transactions on one dialog at once: seq order is commit order, no holes."""
+    """Many transactions on one dialog at once: no holes, and a LISTEN sees the dialog's
+    notifications in seq order, which is commit order (NOTIFYs are delivered on commit,
+    in commit order)."""
     dialog = new_dialog(sql, tenant)
-    committed: list[tuple[float, int]] = []
+    committed: list[int] = []
     lock = threading.Lock()
 
     def writer(n: int) -> None:
         with psycopg.connect(database_url) as conn:
             for i in range(10):
-                row = conn.execute(
-                    "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, 'visitor', %s)"
-                    " RETURNING seq", (dialog, f"{n}-{i}"),
-                ).fetchone()
+                row = conn.execute(INSERT + " RETURNING seq", (dialog, "visitor", f"{n}-{i}"),
+                                   ).fetchone()
                 if i % 3 == 0:
                     conn.rollback()
                     continue
                 conn.commit()
                 with lock:
-                    committed.append((time.monotonic(), row[0]))
+                    committed.append(row[0])
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    stored = seqs(sql, dialog)
-    assert stored == list(range(1, len(committed) + 1))
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        total = len(committed)
+        # Each message is followed by its dialog's new state (for inboxes): 2 per commit.
+        payloads = [orjson.loads(n.payload)
+                    for n in listener.notifies(timeout=10, stop_after=2 * total)]
+        notified = [p["seq"] for p in payloads if p["type"] == "message"]
+        states = [p["last_seq"] for p in payloads if p["type"] == "dialog"]
+        assert states == notified  # each dialog state right after its message
+    assert total == 8 * 6
+    assert sorted(committed) == list(range(1, total + 1))
+    assert seqs(sql, dialog) == list(range(1, total + 1))
+    assert notified == list(range(1, total + 1))
 
 
 def test_notify_fires_on_commit_only_for_any_writer(
@@ -130,8 +188,6 @@ def test_message_json_is_the_frame(sql: psycopg.Connection[Any], tenant: Tenant)
         "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, 'visitor', %s)"
         " RETURNING replyx_message_json(messages)", (dialog, text),
     ).fetchone()
-    import orjson
-
     frame = orjson.loads(row[0])
     assert list(frame) == ["type", "dialog_id", "seq", "id", "sender", "text", "created_at"]
     assert frame["text"] == text

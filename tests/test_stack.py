@@ -7,14 +7,17 @@ from collections import Counter
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from replyx.pg import EmbeddedPostgres
+from replyx.protocol import LISTENER_APPLICATION
 from replyx_client import DialogClient
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant
-from tests.fix_stack import Stack, http_status
+from tests.fix_stack import Stack
+from tests.net import http_status
 
 
 @pytest.mark.gen_test(timeout=90)
@@ -86,9 +89,15 @@ async def test_cli_prints_json_and_its_token_opens_a_socket(stack: Stack) -> Non
 def test_replyx_run_uses_the_embedded_database_by_default(make_stack: Any) -> None:
     """No DATABASE_URL: `replyx run` starts Postgres under the data dir, and stops it on exit."""
     stack: Stack = make_stack(embedded=True)
-    assert "DATABASE_URL" not in stack.env
     embedded = EmbeddedPostgres(stack.data_dir)
     assert embedded.is_running()
+    # And the stack uses it: the gateway's LISTEN session is on that server. (Checked: with
+    # the stack's gateway sent to the test database by REPLYX_LISTEN_DATABASE_URL, this
+    # fails, while the old check, DATABASE_URL absent from an env the fixture had stripped
+    # of it, passed.)
+    with psycopg.connect(embedded.url(), autocommit=True) as conn:
+        sessions = conn.execute("SELECT application_name FROM pg_stat_activity").fetchall()
+    assert (LISTENER_APPLICATION,) in sessions, sessions
     output = stack.run_output()
     assert "ReplyX realtime is up." in output
     assert "wscat -c" in output and "curl -X POST" in output

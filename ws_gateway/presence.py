@@ -57,10 +57,12 @@ KEYS_PER_NOTIFY = 200
 class Watcher(Protocol):
     """A socket that is shown presence: widget and site (operators), admin (its visitor)."""
 
-    kind: SocketKind
     dialog_id: int
     assistant_id: int
     presence: PresenceSlot
+
+    @property
+    def kind(self) -> SocketKind: ...
 
     def write_frame(self, frame: bytes) -> bool: ...
 

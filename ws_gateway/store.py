@@ -28,7 +28,7 @@ from replyx.protocol import NOTIFY_CHANNEL
 
 # Operator: the user must be an operator of the dialog's assistant. No row: refused.
 _ADMIN_OPENING = """
-    SELECT d.assistant_id, d.last_seq, p.seq, p.frame
+    SELECT d.assistant_id, d.last_seq, d.operator_read_seq, d.visitor_read_seq, p.seq, p.frame
       FROM dialogs d JOIN assistant_operators o ON o.assistant_id = d.assistant_id
       LEFT JOIN LATERAL (
           SELECT seq, frame FROM (SELECT r.seq, r.frame,
@@ -63,7 +63,8 @@ _INBOX_SNAPSHOT = """
 # Widget: the guest token names exactly one dialog; the origin rule needs its domains.
 # The page is read only when that dialog is the one asked for ($2).
 _GUEST_OPENING = """
-    SELECT d.id, d.assistant_id, a.domains, d.last_seq, p.seq, p.frame
+    SELECT d.id, d.assistant_id, a.domains, d.last_seq, d.operator_read_seq, d.visitor_read_seq,
+           p.seq, p.frame
       FROM dialogs d JOIN assistants a ON a.id = d.assistant_id
       LEFT JOIN LATERAL (
           SELECT seq, frame FROM (SELECT r.seq, r.frame,
@@ -82,7 +83,8 @@ _GUEST_OPENING = """
 """
 # Site: the token names an assistant; the dialog must be one of its dialogs (else d.* NULL).
 _SITE_OPENING = """
-    SELECT a.id AS assistant_id, d.id AS dialog_id, d.last_seq, p.seq, p.frame
+    SELECT a.id AS assistant_id, d.id AS dialog_id, d.last_seq, d.operator_read_seq,
+           d.visitor_read_seq, p.seq, p.frame
       FROM assistants a
       LEFT JOIN dialogs d ON d.id = $2 AND d.assistant_id = a.id
       LEFT JOIN LATERAL (
@@ -127,6 +129,8 @@ class Opening:
 
     assistant_id: int
     last_seq: int
+    #: (operator_read_seq, visitor_read_seq) in the same snapshot: sent after ``ready``.
+    read_seqs: tuple[int, int]
     page: list[tuple[int, bytes]]
 
 
@@ -143,6 +147,7 @@ def _opening(rows: list[asyncpg.Record]) -> Opening:
     return Opening(
         int(rows[0]["assistant_id"]),
         int(rows[0]["last_seq"]),
+        (int(rows[0]["operator_read_seq"]), int(rows[0]["visitor_read_seq"])),
         [(row["seq"], row["frame"].encode()) for row in rows if row["seq"] is not None],
     )
 
@@ -361,7 +366,8 @@ class PresenceStore:
 
 
 async def _notify_totals(
-    conn: asyncpg.Connection, assistants: list[int], dialogs: list[int], chunk: int
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+    assistants: list[int], dialogs: list[int], chunk: int,
 ) -> None:
     operators = [list(r) for r in await conn.fetch(_OPERATOR_TOTALS, assistants)]
     visitors = [list(r) for r in await conn.fetch(_VISITOR_TOTALS, dialogs)]

@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
@@ -74,9 +74,11 @@ class InboxSubscriber(Protocol):
 class OperatorSocket(Protocol):
     """A dialog socket of an operator (admin): closed when they leave the team."""
 
-    kind: SocketKind
     user_id: int
     assistant_id: int
+
+    @property
+    def kind(self) -> SocketKind: ...
 
     def close(self, code: int, reason: str) -> None: ...
 
@@ -245,8 +247,8 @@ class Workspace:
 
     # -- housekeeping ----------------------------------------------------------------
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 

@@ -15,7 +15,7 @@ import contextlib
 import multiprocessing
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -330,7 +330,7 @@ class Process:
     def reply(self, timeout: float = 600.0) -> dict[str, Any]:
         if not self.conn.poll(timeout):
             raise TimeoutError("a load-generator process did not answer")
-        reply = self.conn.recv()
+        reply: dict[str, Any] = self.conn.recv()
         if "error" in reply:
             raise RuntimeError(f"load generator: {reply['error']}")
         return reply
@@ -365,9 +365,12 @@ class SocketPool:
     def target(self, host: str, port: int) -> None:
         self.all("target", host=host, port=port)
 
-    def open(self, group: str, specs: list[tuple[int, str, str | None]]) -> dict[str, Any]:
+    def open(
+        self, group: str, specs: Sequence[tuple[int, str, str | None]]
+    ) -> dict[str, Any]:
         n = len(self.workers)
-        replies = self.all("open", [{"group": group, "specs": specs[i::n]} for i in range(n)])
+        replies = self.all(
+            "open", [{"group": group, "specs": list(specs[i::n])} for i in range(n)])
         failed = sum(r["failed"] for r in replies)
         errors = [e for r in replies for e in r["errors"]]
         if failed:

@@ -108,9 +108,9 @@ class Tenant:
                 ids.append(_one(cur))
                 if not cur.nextset():
                     break
-        for dialog_id, (_, token, _) in zip(ids, rows, strict=True):
-            if token is not None:
-                self.guest_tokens[dialog_id] = token
+        for dialog_id, (_channel, guest_token, _hash) in zip(ids, rows, strict=True):
+            if guest_token is not None:
+                self.guest_tokens[dialog_id] = guest_token
         return ids
 
     # -- paths -------------------------------------------------------------------------
@@ -132,6 +132,7 @@ class Tenant:
 
     def pair(self, dialog_id: int) -> list[tuple[int, str, str | None]]:
         """The two sockets of a dialog: admin, and widget (widget dialogs) or site."""
+        second: tuple[int, str, str | None]
         if dialog_id in self.guest_tokens:
             second = (dialog_id, self.widget_path(dialog_id), self.ORIGIN)
         else:

@@ -26,8 +26,15 @@ from tornado.web import HTTPError
 
 from replyx.addresses import client_address
 from replyx.logs import RedactedRequestLogging
-from replyx.protocol import CloseCode, FrameType, SocketKind, non_negative_int, positive_id
-from ws_gateway.frames import PONG_FRAME
+from replyx.protocol import (
+    CloseCode,
+    FrameType,
+    ReadSide,
+    SocketKind,
+    non_negative_int,
+    positive_id,
+)
+from ws_gateway.frames import PONG_FRAME, text_frame
 from ws_gateway.limits import Lease
 from ws_gateway.parts import Parts
 from ws_gateway.presence import PresenceSlot
@@ -74,6 +81,7 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         self._expiry: object | None = None
         self._opened_at = time.monotonic()
         self.assistant_id = 0  # the dialog's assistant, known once authorised
+        self._read_seqs = (0, 0)
         self.presence = PresenceSlot()
         self._watching = False
 
@@ -158,6 +166,7 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
                 if lease is not None:
                     lease.shrink(sum(len(payload) for _, payload in opening.page))
                 self.assistant_id = opening.assistant_id
+                self._read_seqs = opening.read_seqs
                 if since is not None and since > opening.last_seq:
                     # Seqs only ever grow: this client's state is from another database.
                     raise Refused(CloseCode.BAD_REQUEST, "since is ahead of the dialog")
@@ -201,7 +210,13 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             self.kind.tag, self.dialog_id, "-" if since is None else since, self.sent_seq,
             self.request.remote_ip,
         )
-        # Presence right after ready, then whenever it changes.
+        # The read state as of the handshake (later changes come as read frames), then
+        # presence, right after ready.
+        for side, seq in zip(ReadSide, self._read_seqs, strict=True):
+            if seq:
+                self.write_frame(text_frame(orjson.dumps(
+                    {"type": FrameType.READ.value, "dialog_id": self.dialog_id,
+                     "side": side.value, "seq": seq})))
         self._watching = True
         self.parts.presence.watch(self)
 

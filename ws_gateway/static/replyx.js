@@ -155,6 +155,8 @@
       this._emit('message', data);
     } else if (data.type === 'typing') {
       this._emit('typing', data);
+    } else if (data.type === 'read' || data.type === 'presence') {
+      this._emit(data.type, data);  // workspace events: see "Workspace" below
     } else if (data.type === 'ready') {
       if (this.lastSeq === null) this.lastSeq = data.last_seq;
       this._delay = this.backoffInitial;
@@ -219,8 +221,11 @@
   Api.prototype.login = function (email, password) {
     return this.request('POST', '/api/auth/login', {email: email, password: password});
   };
-  Api.prototype.dialogs = function (token) {
-    return this.request('GET', '/api/dialogs', undefined, token);
+  // options: {before: <activity cursor>, limit: N} (see Workspace below); none: the newest page.
+  Api.prototype.dialogs = function (token, options) {
+    options = options || {};
+    return this.request('GET', '/api/dialogs' + query({before: options.before, limit: options.limit}),
+                        undefined, token);
   };
   Api.prototype.send = function (token, dialogId, text) {
     return this.request('POST', '/api/dialogs/' + dialogId + '/messages', {text: text}, token);
@@ -254,6 +259,256 @@
     };
   }
 
+  // == Workspace: the operator's inbox, read state, presence =================
+  //
+  // An Inbox is the operator's whole workspace on one socket (/ws/inbox): a snapshot
+  // of the newest dialogs, then a `dialog` frame whenever one of them is created,
+  // gets a message, is read or its visitor comes or goes. There is no `since`: every
+  // (re)connect gets a fresh snapshot, which replaces the view. It reconnects with
+  // jittered backoff after any drop and gives up only on a code no retry can fix.
+  //
+  //   var inbox = new ReplyX.Inbox({url: ReplyX.wsUrl('/ws/inbox', {token: jwt})});
+  //   inbox.on('snapshot', function (s) { ... }); // {dialogs: [entry…], total}: the view was replaced
+  //   inbox.on('dialog', function (entry, previous) { ... });  // one entry added or updated
+  //   inbox.on('change', function (list) { ... });  // after either: inbox.list()
+  //   inbox.on('state', function (s) { ... });      // 'connecting' | 'live' | 'reconnecting' | 'closed'
+  //   inbox.on('closed', function (e) { ... });     // gave up: {code, reason}
+  //   inbox.connect();
+  //   inbox.dialogs   // {dialog_id: entry}; inbox.list(): entries, newest activity first
+  //   inbox.older(api, jwt, 50)  // the next older page over HTTP, merged into the view
+  //
+  // An entry: {dialog_id, assistant_id, channel, created_at, last_seq, last_message:
+  // {seq, sender, text, created_at} | null, operator_read_seq, visitor_read_seq, unread,
+  // activity, visitor_online}.
+  //
+  // Dialog sockets emit the workspace's two per-dialog events:
+  //   dialog.on('read', function (r) { ... });     // {dialog_id, side: 'operator'|'visitor', seq}
+  //   dialog.on('presence', function (p) { ... }); // widget/site: {operators_online: N};
+  //                                                // admin: {dialog_id, visitor_online: bool}
+  // and read state is written over HTTP: api.read(jwt, id, seq), api.widgetRead(guest, id, seq).
+
+  // A dialog's version: each commit that changes it moves one of these forward, none back.
+  function notOlder(a, b) {
+    return a.last_seq >= b.last_seq && a.operator_read_seq >= b.operator_read_seq &&
+           a.visitor_read_seq >= b.visitor_read_seq;
+  }
+
+  function Inbox(options) {
+    this.url = options.url;
+    this.backoffInitial = options.backoffInitial || 500;   // ms
+    this.backoffMax = options.backoffMax || 15000;
+    this.pingEvery = options.pingEvery || 25000;
+    this.fatalCodes = options.fatalCodes || FATAL_CODES;
+    this.state = 'idle';
+    this.dialogs = {};       // dialog_id → newest entry
+    this.total = 0;          // dialogs of all the operator's assistants (the snapshot's, kept up)
+    this.cursor = null;      // `before` of the next older page; null: nothing older
+    this.snapshots = 0;
+    this.closeCodes = [];
+    this.connects = 0;
+    this._handlers = {};
+    this._delay = this.backoffInitial;
+    this._ws = null;
+    this._timer = null;
+    this._pinger = null;
+    this._awaitingPong = false;
+    this._stopped = false;
+    var self = this;
+    this._onOnline = function () { if (self.state === 'reconnecting') self._reconnectNow(); };
+  }
+
+  Inbox.prototype.on = function (event, handler) {
+    (this._handlers[event] = this._handlers[event] || []).push(handler);
+    return this;
+  };
+
+  Inbox.prototype._emit = function (event, a, b) {
+    var handlers = this._handlers[event] || [];
+    for (var i = 0; i < handlers.length; i++) {
+      try { handlers[i](a, b); } catch (err) { setTimeout(function () { throw err; }); }
+    }
+  };
+
+  Inbox.prototype._setState = function (state) {
+    if (this.state !== state) {
+      this.state = state;
+      this._emit('state', state);
+    }
+  };
+
+  // The view, newest activity first.
+  Inbox.prototype.list = function () {
+    var list = [];
+    for (var id in this.dialogs) list.push(this.dialogs[id]);
+    list.sort(function (a, b) { return (b.activity - a.activity) || (b.dialog_id - a.dialog_id); });
+    return list;
+  };
+
+  Inbox.prototype.get = function (dialogId) {
+    return this.dialogs[dialogId] || null;
+  };
+
+  Inbox.prototype.hasOlder = function () {
+    return this.cursor !== null;
+  };
+
+  Inbox.prototype.connect = function () {
+    this._stopped = false;
+    if (global.addEventListener) global.addEventListener('online', this._onOnline);
+    this._open();
+    return this;
+  };
+
+  Inbox.prototype.close = function () {
+    this._stopped = true;
+    clearTimeout(this._timer);
+    this._stopPinger();
+    if (global.removeEventListener) global.removeEventListener('online', this._onOnline);
+    if (this._ws) this._ws.close(1000, 'bye');
+    this._ws = null;
+    this._setState('closed');
+  };
+
+  Inbox.prototype._open = function () {
+    var self = this;
+    this._setState(this.connects === 0 ? 'connecting' : 'reconnecting');
+    var ws = new WebSocket(this.url);
+    this._ws = ws;
+    ws.onopen = function () { self.connects += 1; };
+    ws.onmessage = function (event) {
+      if (ws === self._ws) self._frame(ws, event.data);
+    };
+    ws.onclose = function (event) {
+      if (ws !== self._ws) return;
+      self._ws = null;
+      self._stopPinger();
+      self.closeCodes.push(event.code);
+      if (self._stopped) return;
+      if (self.fatalCodes[event.code]) {
+        self._stopped = true;
+        self._setState('closed');
+        self._emit('closed', {code: event.code, reason: event.reason});
+        return;
+      }
+      self._setState('reconnecting');
+      self._schedule();
+    };
+  };
+
+  Inbox.prototype._schedule = function () {
+    var self = this;
+    var delay = this._delay * (0.5 + Math.random());  // jitter: a restarted gateway is not stampeded
+    this._delay = Math.min(this._delay * 2, this.backoffMax);
+    clearTimeout(this._timer);
+    this._timer = setTimeout(function () { self._open(); }, delay);
+  };
+
+  Inbox.prototype._reconnectNow = function () {
+    clearTimeout(this._timer);
+    this._delay = this.backoffInitial;
+    this._open();
+  };
+
+  Inbox.prototype._frame = function (ws, raw) {
+    var data;
+    try { data = JSON.parse(raw); } catch (err) { return; }
+    this._awaitingPong = false;
+    if (data.type === 'snapshot') {
+      this._snapshot(data);
+    } else if (data.type === 'dialog') {
+      this._upsert(data, true);
+    } else if (data.type === 'ready') {
+      this._delay = this.backoffInitial;
+      this._startPinger(ws);
+      this._setState('live');
+      this._emit('ready');
+    }
+  };
+
+  Inbox.prototype._snapshot = function (data) {
+    var dialogs = {};
+    var oldest = null;
+    for (var i = 0; i < data.dialogs.length; i++) {
+      var entry = data.dialogs[i];
+      dialogs[entry.dialog_id] = entry;
+      if (oldest === null || entry.activity < oldest) oldest = entry.activity;
+    }
+    this.dialogs = dialogs;
+    this.total = data.total;
+    this.snapshots += 1;
+    this.cursor = data.dialogs.length < data.total && oldest !== null ? oldest : null;
+    this._emit('snapshot', {dialogs: this.list(), total: data.total});
+    this._emit('change', this.list());
+  };
+
+  // live: a `dialog` frame (newest state by construction); else an entry paged over HTTP,
+  // which is kept only if the view has nothing newer, and has no visitor_online of its own.
+  Inbox.prototype._upsert = function (entry, live) {
+    var known = this.dialogs[entry.dialog_id];
+    if (!live && known) {
+      if (!notOlder(entry, known)) return false;
+      entry.visitor_online = known.visitor_online;
+    }
+    if (!known && live && entry.last_seq === 0) this.total += 1;  // a new dialog
+    if (!live && entry.visitor_online === undefined) entry.visitor_online = false;
+    this.dialogs[entry.dialog_id] = entry;
+    this._emit('dialog', entry, known || null);
+    this._emit('change', this.list());
+    return true;
+  };
+
+  // The next older page (GET /api/dialogs?before=), merged into the view; resolves to its
+  // entries. A snapshot that arrives meanwhile wins: the page is then dropped.
+  Inbox.prototype.older = function (api, token, limit) {
+    var self = this;
+    if (this.cursor === null) return Promise.resolve([]);
+    var snapshots = this.snapshots;
+    return api.dialogs(token, {before: this.cursor, limit: limit || 50}).then(function (page) {
+      if (self.snapshots !== snapshots) return [];
+      self.cursor = page.next_before === undefined ? null : page.next_before;
+      self.total = page.total;
+      var added = [];
+      for (var i = 0; i < page.dialogs.length; i++) {
+        if (self._upsert(page.dialogs[i], false)) added.push(page.dialogs[i]);
+      }
+      if (!added.length) self._emit('change', self.list());
+      return added;
+    });
+  };
+
+  Inbox.prototype._startPinger = function (ws) {
+    var self = this;
+    this._stopPinger();
+    this._pinger = setInterval(function () {
+      if (self._awaitingPong) {
+        ws.close(1000, 'no pong');
+        return;
+      }
+      self._awaitingPong = true;
+      ws.send('{"type":"ping"}');
+    }, this.pingEvery);
+  };
+
+  Inbox.prototype._stopPinger = function () {
+    clearInterval(this._pinger);
+    this._pinger = null;
+    this._awaitingPong = false;
+  };
+
+  // Read state (forward-only on the server: a lower seq is a no-op, one past the end a 400).
+  Api.prototype.read = function (token, dialogId, seq) {
+    return this.request('POST', '/api/dialogs/' + dialogId + '/read', {seq: seq}, token);
+  };
+  // parentOrigin: the embedding page, when the widget runs in the product's iframe.
+  Api.prototype.widgetRead = function (guestToken, dialogId, seq, parentOrigin) {
+    var body = {seq: seq};
+    if (parentOrigin) body.parent_origin = parentOrigin;
+    return this.request('POST', '/api/widget/dialogs/' + dialogId + '/read', body, guestToken);
+  };
+
+  // == end of Workspace ======================================================
+
   global.ReplyX = {Dialog: Dialog, Api: Api, ApiError: ApiError, wsUrl: wsUrl, throttle: throttle,
                    FATAL_CODES: FATAL_CODES};
+  global.ReplyX.Inbox = Inbox;
 })(typeof window !== 'undefined' ? window : this);

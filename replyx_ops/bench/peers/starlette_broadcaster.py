@@ -120,8 +120,9 @@ async def dialog_socket(websocket: WebSocket) -> None:
             await websocket.send_text(
                 f'{{"type":"ready","dialog_id":{dialog_id},"last_seq":{last_seq}}}'
             )
-            async for event in subscriber:
-                await websocket.send_text(event.message)
+            async for event in subscriber:  # type: ignore[union-attr]  # typed Optional by broadcaster, never None here
+                if event is not None:
+                    await websocket.send_text(event.message)
 
     sender = asyncio.create_task(forward())
     try:

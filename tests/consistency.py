@@ -1,4 +1,4 @@
-"""Helpers of the fault tests: compare each socket with the database, post at a steady rate.
+"""Consistency of sockets with the database, and a steady poster: the fault tests' helpers.
 
 After a fault, every socket of a dialog must hold exactly the dialog's rows
 ``seq`` 1..N (or from its starting point to N), in order, once, with the same
@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-import orjson
 import psycopg
-from tornado.httpclient import AsyncHTTPClient
 
 from replyx_client import DialogClient
 from tests.fix_apps import Api, Sockets
@@ -122,23 +120,6 @@ class Poster:
         self._stop = True
         if self._task is not None:
             await self._task
-
-
-async def get_json(url: str) -> tuple[int, dict[str, object]]:
-    response = await AsyncHTTPClient().fetch(url, raise_error=False, request_timeout=10)
-    return response.code, orjson.loads(response.body) if response.body else {}
-
-
-async def wait_status(url: str, status: int, timeout: float = 30.0) -> float:  # noqa: ASYNC109
-    """Poll ``url`` until it answers ``status``; return how long that took."""
-    started = time.monotonic()
-    while True:
-        code, _ = await get_json(url)
-        if code == status:
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise TimeoutError(f"{url} did not answer {status} within {timeout}s (last {code})")
-        await asyncio.sleep(0.05)
 
 
 async def open_three(

@@ -1,0 +1,79 @@
+"""Network helpers of the suite, written once: a free port, and HTTP polling (sync and async).
+
+Fixtures and tests import these instead of writing their own; ``replyx bench`` keeps
+its own copies (it must not import the tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import orjson
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """The status ``GET url`` answers, or ``None`` when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> float:
+    """Poll ``url`` until it answers ``status`` (blocking); return how long that took."""
+    started = time.monotonic()
+    while http_status(url) != status:
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{url} did not answer {status} within {timeout}s")
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+async def get_json(url: str, **headers: str) -> tuple[int, Any]:
+    """``GET url``: its status and its body, parsed when it is JSON (else the raw bytes)."""
+    response = await AsyncHTTPClient().fetch(url, headers=headers, raise_error=False,
+                                             request_timeout=10)
+    body = response.body or b""
+    return response.code, orjson.loads(body) if body[:1] in (b"{", b"[") else body
+
+
+async def wait_status(url: str, status: int, timeout: float = 30.0) -> float:  # noqa: ASYNC109
+    """Poll ``url`` until it answers ``status``; return how long that took.
+
+    A refused connection counts as "not yet" (a process restarting), not as an error.
+    """
+    started = time.monotonic()
+    code: int | None = None
+    while True:
+        try:
+            code, _ = await get_json(url)
+        except (OSError, HTTPClientError):
+            code = None
+        if code == status:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{url} did not answer {status} within {timeout}s (last {code})")
+        await asyncio.sleep(0.05)
+
+
+async def get_text(url: str, **headers: str) -> tuple[int, str]:
+    """``GET url``: its status and its body as text."""
+    response = await AsyncHTTPClient().fetch(url, headers=headers, raise_error=False,
+                                             request_timeout=10)
+    return response.code, (response.body or b"").decode()
