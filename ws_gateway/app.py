@@ -31,13 +31,14 @@ from replyx.settings import Settings
 from ws_gateway.consumer import Consumer, WriteBatch
 from ws_gateway.handlers.admin import AdminSocket, AdminStream
 from ws_gateway.handlers.debug import StatusHandler, SyncHandler
+from ws_gateway.handlers.demo import DemoFiles, DemoRedirect
 from ws_gateway.handlers.health import HealthHandler, HealthSocket, health
 from ws_gateway.handlers.http import NotFoundHandler
 from ws_gateway.handlers.inbox import InboxSocket, InboxStream
 from ws_gateway.handlers.metrics import MetricsHandler
 from ws_gateway.handlers.site import SiteSocket, SiteStream
 from ws_gateway.handlers.widget import WidgetSocket, WidgetStream
-from ws_gateway.limits import Limiter
+from ws_gateway.limits import ByteBudget, Limiter
 from ws_gateway.listener import Listener
 from ws_gateway.metrics import ConnectionsCollector, MetricsCollector, Stats, count_connections
 from ws_gateway.parts import OpenSocket, Parts
@@ -57,7 +58,10 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 class RouterFactory(Protocol):
     """Builds the router; ``replyx bench`` passes its naive fan-out for comparison."""
 
-    def __call__(self, store: GatewayStore, stats: Stats, *, replay_chunk: int) -> Router: ...
+    def __call__(
+        self, store: GatewayStore, stats: Stats, *, replay_chunk: int, page_bytes: int,
+        budget: ByteBudget,
+    ) -> Router: ...
 
 
 class Gateway:
@@ -141,7 +145,10 @@ class Gateway:
         store = GatewayStore(pool)
         # Replays go out in chunks well under the per-socket buffer limit (see Router).
         replay_chunk = max(16 * 1024, settings.socket_buffer_limit // 4)
-        router = self.router_factory(store, stats, replay_chunk=replay_chunk)
+        router = self.router_factory(
+            store, stats, replay_chunk=replay_chunk, page_bytes=settings.replay_page_bytes,
+            budget=ByteBudget(settings.replay_memory),
+        )
         presence = Presence(PresenceStore(pool))
         workspace = Workspace(store, presence)
         consumer = Consumer(router, workspace, presence, stats, WriteBatch())
@@ -171,7 +178,11 @@ class Gateway:
         sockets: set[OpenSocket] = set()
         registry.register(ConnectionsCollector(lambda: count_connections(sockets)))
         limiter = Limiter(
-            settings.max_sockets_per_ip, settings.client_msgs_per_second, settings.client_burst
+            settings.max_sockets_per_ip, settings.client_msgs_per_second, settings.client_burst,
+            handshakes_per_second=settings.handshake_rate,
+            handshake_burst=settings.handshake_burst,
+            address_frames_per_second=settings.address_frame_rate,
+            address_frame_burst=settings.address_frame_burst,
         )
         return Parts(
             settings=settings, jwt_secret=settings.jwt_secret(), store=store, router=router,
@@ -289,9 +300,9 @@ class Gateway:
                 (r"/api/debug/websocket/sync", SyncHandler, deps),
                 (r"/metrics", MetricsHandler, deps),
                 (r"/ws/health", HealthSocket, deps),
-                (r"/demo", tornado.web.RedirectHandler, {"url": "/demo/"}),
-                (r"/demo/(.*)", tornado.web.StaticFileHandler,
-                 {"path": str(STATIC_DIR), "default_filename": "index.html"}),
+                (r"/demo", DemoRedirect),
+                (r"/demo/(.*)", DemoFiles,
+                 {"path": str(STATIC_DIR), "default_filename": "index.html", "parts": parts}),
             ],
             default_handler_class=NotFoundHandler,
             default_handler_args=deps,

@@ -18,7 +18,8 @@ from ws_gateway.store import Opening
 
 class Admin(Session):
     kind = SocketKind.ADMIN
-    user_id = 0  # known once authorised
+    #: Known once the token is verified; 0 for a session refused before that.
+    user_id = 0
 
     async def authorize(self, dialog_id: int, since: int | None) -> Opening:
         token = self.get_query_argument("token", None) or bearer(self.request.headers)
@@ -29,7 +30,7 @@ class Admin(Session):
         except security.InvalidTokenError:
             raise Refused(CloseCode.UNAUTHORIZED, "missing, invalid or expired token") from None
         opening = await self.parts.store.admin_opening(
-            dialog_id, claims.user_id, since, REPLAY_PAGE
+            dialog_id, claims.user_id, since, REPLAY_PAGE, self.parts.router.page_bytes
         )
         if opening is None:
             raise Refused(CloseCode.NOT_FOUND, "dialog not found", f"user_id={claims.user_id}")
@@ -41,8 +42,10 @@ class Admin(Session):
         return opening
 
     def ended(self) -> None:
-        self.parts.workspace.remove_operator_socket(self)
-        super().ended()
+        try:
+            self.parts.workspace.remove_operator_socket(self)
+        finally:
+            super().ended()  # the slot and the socket set, whatever happened above
 
 
 class AdminSocket(Admin, DialogSocket):

@@ -49,7 +49,19 @@ class DialogSocket(Session, tornado.websocket.WebSocketHandler):
         protocol = super().get_websocket_protocol()
         if not isinstance(protocol, tornado.websocket.WebSocketProtocol13):
             return protocol
-        return FrameLimitedProtocol(self, protocol.params, self.allow_frame)
+        settings = self.parts.settings
+        return FrameLimitedProtocol(
+            self, protocol.params, self.allow_frame,
+            fragment_timeout=settings.fragment_timeout, pong_deadline=settings.slow_close_grace,
+            on_stalled=self._stalled,
+        )
+
+    def _stalled(self, detail: str) -> None:
+        """The client reads nothing we write (no echo of our ping): the slow-client policy."""
+        if self.transport is not None:
+            self.transport.too_slow(detail)
+        else:
+            self._close(CloseCode.TOO_SLOW, "client too slow, resume with since")
 
     async def open(self, raw_id: str = "") -> None:
         assert self.ws_connection is not None and self.ws_connection.stream is not None
@@ -81,10 +93,12 @@ class DialogSocket(Session, tornado.websocket.WebSocketHandler):
         if self._closing or self.parts.limiter.allow_frame(self):
             # Frames still in flight while a close handshake runs are not charged.
             return True
-        log.warning(
-            "%s rate limit: closing %d dialog_id=%d peer=%s",
-            self.kind.tag, CloseCode.POLICY, self.dialog_id, client_address(self.request),
-        )
+        self.parts.stats.refused[str(CloseCode.POLICY)] += 1
+        if self.parts.limiter.may_log(self):
+            log.warning(
+                "%s rate limit: closing %d dialog_id=%d peer=%s",
+                self.kind.tag, CloseCode.POLICY, self.dialog_id, client_address(self.request),
+            )
         self._close(CloseCode.POLICY, "rate limit exceeded")
         return False
 

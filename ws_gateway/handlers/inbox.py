@@ -25,7 +25,7 @@ log = logging.getLogger("ws_gateway.sockets")
 class Inbox(Session):
     kind = SocketKind.INBOX
 
-    async def start(self, raw_id: str = "") -> None:
+    async def _handshake(self, raw_id: str = "") -> None:
         parts = self.parts
         settings = parts.settings
         transport = self.transport
@@ -61,9 +61,11 @@ class Inbox(Session):
                      self.request.remote_ip, self.transport_name)
 
     def ended(self) -> None:
-        if hasattr(self, "assistants"):
-            self.parts.workspace.remove(self)
-        super().ended()
+        try:
+            if hasattr(self, "assistants"):
+                self.parts.workspace.remove(self)
+        finally:
+            super().ended()  # the slot and the socket set, whatever happened above
 
     def log_disconnected(self) -> None:
         code = self._server_close_code or self.client_close_code()

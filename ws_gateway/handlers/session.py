@@ -30,6 +30,7 @@ import orjson
 import tornado.web
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream
+from tornado.web import HTTPError
 
 from replyx.addresses import client_address
 from replyx.logs import RedactedRequestLogging
@@ -42,8 +43,10 @@ from replyx.protocol import (
     positive_id,
 )
 from ws_gateway.frames import text_frame
+from ws_gateway.limits import Lease
 from ws_gateway.parts import Parts
 from ws_gateway.presence import PresenceSlot
+from ws_gateway.replay import Page
 from ws_gateway.store import Opening
 from ws_gateway.transport import Transport
 
@@ -123,7 +126,11 @@ class Session(RedactedRequestLogging, tornado.web.RequestHandler):
         return self.request.headers.get("Origin")
 
     def admitted(self, restarting_reason: str) -> bool:
-        """Count the session and its address; False (and closed) when it may not start."""
+        """Count the session and its address; False (and closed) when it may not start.
+
+        The per-address handshake rate first (no database query is made for a refused
+        one), then the per-address socket cap; a refusal closes with 1008.
+        """
         parts = self.parts
         if self._gone():
             return False  # the client already left: nothing to count, nothing to release
@@ -131,16 +138,28 @@ class Session(RedactedRequestLogging, tornado.web.RequestHandler):
         if parts.stopping.is_set():
             self._close(CloseCode.RESTARTING, restarting_reason)
             return False
-        if not parts.limiter.acquire(self):
-            log.warning("%s refused: too many sockets from %s transport=%s", self.kind.tag,
-                        client_address(self.request), self.transport_name)
-            parts.stats.refused[str(CloseCode.POLICY)] += 1
-            self._close(CloseCode.POLICY, "too many connections from this address")
+        limiter = parts.limiter
+        if not limiter.admit(self):
+            self._refuse(Refused(CloseCode.POLICY, "too many connection attempts"))
+            return False
+        if not limiter.acquire(self):
+            self._refuse(Refused(CloseCode.POLICY, "too many connections from this address"))
             return False
         return True
 
-    async def start(self, raw_id: str) -> None:
-        """Authorise, replay, go live (``ready``), then show presence; or refuse."""
+    async def start(self, raw_id: str = "") -> None:
+        """The handshake; whatever fails in it ends in a close code, never a silent drop.
+
+        Tornado aborts a connection whose ``open()`` raises without ever calling
+        ``on_close``: the address's slot and the socket set would keep it for good.
+        """
+        try:
+            await self._handshake(raw_id)
+        except Exception as exc:
+            self._handshake_failed(exc)
+
+    async def _handshake(self, raw_id: str) -> None:
+        """Authorise and register; the replay, ``ready`` and presence follow in :meth:`_join`."""
         parts = self.parts
         transport = self.transport
         assert transport is not None
@@ -148,40 +167,62 @@ class Session(RedactedRequestLogging, tornado.web.RequestHandler):
             return
         router = parts.router
         since: int | None = None
+        lease: Lease | None = None
         try:
-            # A WebSocket reads no client frame (pongs included) until this returns: bound
-            # the wait for the database well inside its ping timeout.
+            # A WebSocket reads no client frame (pongs included) until open() returns: bound
+            # the wait for the database well inside its ping timeout. The replay comes after
+            # open() returns, under the slow-client policy (4008), not this timeout.
             async with asyncio.timeout(parts.settings.join_timeout):
                 self.dialog_id = parse_dialog_id(raw_id)
                 since = self._since()
+                if since is not None:
+                    # Room for the first page in the replay budget, before its query.
+                    lease = await router.budget.acquire(router.page_bytes)
                 # Register, then query: whatever commits after the query's snapshot is
                 # routed into this session's buffer (see Router.register).
                 mark = router.register(self)
                 opening = await self.authorize(self.dialog_id, since)
+                if lease is not None:
+                    lease.shrink(sum(len(payload) for _, payload in opening.page))
                 self.assistant_id = opening.assistant_id
                 self._read_seqs = opening.read_seqs
                 if since is not None and since > opening.last_seq:
                     # Seqs only ever grow: this client's state is from another database.
                     raise Refused(CloseCode.BAD_REQUEST, "since is ahead of the dialog")
-                if self._gone():
-                    return  # the connection's end took it out of the router
-                transport.limit()
-                self._joined = True
-                start = opening.last_seq if since is None else since
-                await router.join(self, mark, start, opening.page)
-        except Refused as refusal:
+        except BaseException as exc:
             router.remove(self)
-            self._refuse(refusal)
-            return
-        except Exception as exc:
-            router.remove(self)
+            if lease is not None:
+                lease.release()
+            if isinstance(exc, Refused):
+                self._refuse(exc)
+                return
+            if isinstance(exc, HTTPError):  # a query value Tornado cannot decode
+                self._refuse(Refused(CloseCode.BAD_REQUEST, "malformed query string"))
+                return
             if not (isinstance(exc, TimeoutError) or parts.store.is_unavailable(exc)):
                 raise
             self._refuse(Refused(CloseCode.TRY_AGAIN, "database unavailable, try again"))
             return
         if self._gone():
+            router.remove(self)  # the client left during the query
+            if lease is not None:
+                lease.release()
+            return
+        transport.limit()
+        self._joined = True
+        start = opening.last_seq if since is None else since
+        router.spawn(self._join(start, Page(mark, opening.page, lease), since))
+
+    async def _join(self, start: int, page: Page, since: int | None) -> None:
+        """The replay and ``ready``, once open() has returned (so pongs and pings are read)."""
+        try:
+            await self.parts.router.join(self, start, page)
+        finally:
+            if page.lease is not None:
+                page.lease.release()  # cancelled before the page was written
+        if self._gone():
             # The client left while we were replaying.
-            router.remove(self)
+            self.parts.router.remove(self)
             return
         log.info(
             "%s connected dialog_id=%d since=%s last_seq=%d peer=%s transport=%s",
@@ -196,7 +237,18 @@ class Session(RedactedRequestLogging, tornado.web.RequestHandler):
                     {"type": FrameType.READ.value, "dialog_id": self.dialog_id,
                      "side": side.value, "seq": seq})))
         self._watching = True
-        parts.presence.watch(self)
+        self.parts.presence.watch(self)
+
+    def _handshake_failed(self, exc: Exception) -> None:
+        """Give back everything the handshake took, and close with a code."""
+        parts = self.parts
+        parts.router.remove(self)
+        parts.limiter.release(self)
+        if isinstance(exc, HTTPError):
+            self._refuse(Refused(CloseCode.BAD_REQUEST, "malformed request"))
+            return
+        self.log_exception(type(exc), exc, exc.__traceback__)
+        self._close(CloseCode.INTERNAL_ERROR, "internal error, try again")
 
     def _gone(self) -> bool:
         """The client left, or we closed, while start() awaited (a method: it changes then)."""
@@ -212,12 +264,20 @@ class Session(RedactedRequestLogging, tornado.web.RequestHandler):
         return since
 
     def _refuse(self, refusal: Refused) -> None:
+        """Count every refusal, log at most one a second per address, close with its code.
+
+        The address's slot comes back now, not when the client answers the close.
+        """
+        self.parts.limiter.release(self)
         self.parts.stats.refused[str(refusal.code)] += 1
+        if not self.parts.limiter.may_log(self):
+            self._close(refusal.code, refusal.reason)
+            return
         marker = " WEBSOCKET_4003_ERROR" if refusal.code == CloseCode.FORBIDDEN_ORIGIN else ""
         log.warning(
             "%s%s refused dialog_id=%s code=%d reason=%s%s peer=%s transport=%s",
             self.kind.tag, marker, self.dialog_id or "-", refusal.code, refusal.reason,
-            f" {refusal.detail}" if refusal.detail else "", self.request.remote_ip,
+            f" {refusal.detail}" if refusal.detail else "", client_address(self.request),
             self.transport_name,
         )
         self._close(refusal.code, refusal.reason)

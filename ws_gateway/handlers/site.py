@@ -20,7 +20,8 @@ class Site(Session):
         token = self.get_query_argument("site_token", None)
         if not token:
             raise Refused(CloseCode.UNAUTHORIZED, "site_token is required")
-        valid, opening = await self.parts.store.site_opening(token, dialog_id, since, REPLAY_PAGE)
+        valid, opening = await self.parts.store.site_opening(
+            token, dialog_id, since, REPLAY_PAGE, self.parts.router.page_bytes)
         if not valid:
             raise Refused(CloseCode.UNAUTHORIZED, "invalid site token")
         if opening is None:

@@ -23,7 +23,8 @@ class Widget(Session):
         token = self.get_query_argument("guest_token", None)
         if not token:
             raise Refused(CloseCode.UNAUTHORIZED, "guest_token is required")
-        dialog = await self.parts.store.guest_opening(token, dialog_id, since, REPLAY_PAGE)
+        dialog = await self.parts.store.guest_opening(
+            token, dialog_id, since, REPLAY_PAGE, self.parts.router.page_bytes)
         if dialog is None:
             raise Refused(CloseCode.UNAUTHORIZED, "invalid guest token")
         opening = dialog.opening
