@@ -89,6 +89,10 @@ def summarise(phases: dict[str, Any], scenario: dict[str, Any]) -> dict[str, Any
     cpu_steady, cpu_churn = steady["gateway_cpu_share"], churn["gateway_cpu_share"]
     added = round(100 * (cpu_churn - cpu_steady) / cpu_steady, 1) if cpu_steady else None
     statements = churn["pg"]["presence_statements_per_s"]
+    # Both phases post the same messages for the same time: the difference is the churn's.
+    connects = churn["churn"]["connects"]
+    per_churn = (round(1000 * (churn["gateway_cpu_s"] - steady["gateway_cpu_s"]) / connects, 3)
+                 if connects else None)
     xacts_added = None
     if churn["pg"]["xacts_per_s"] is not None and steady["pg"]["xacts_per_s"] is not None:
         xacts_added = round(churn["pg"]["xacts_per_s"] - steady["pg"]["xacts_per_s"], 1)
@@ -113,6 +117,7 @@ def summarise(phases: dict[str, Any], scenario: dict[str, Any]) -> dict[str, Any
             "churn_failed": churn["churn"]["failed"],
             "gateway_cpu_share": {"steady": cpu_steady, "churn": cpu_churn},
             "gateway_cpu_added_pct": added,
+            "gateway_cpu_ms_per_connect_disconnect": per_churn,
             "pg_method": churn["pg"]["method"],
             "pg_presence_statements_per_s": {"steady": steady["pg"]["presence_statements_per_s"],
                                              "churn": statements},
@@ -172,6 +177,8 @@ def table(r: dict[str, Any]) -> str:
         ("gateway CPU share", _fmt(pres["gateway_cpu_share"]["churn"]),
          _fmt(pres["gateway_cpu_share"]["steady"]),
          f"+{_fmt(pres['gateway_cpu_added_pct'])} % (< 10 %)"),
+        ("gateway CPU ms per connect+disconnect",
+         _fmt(pres["gateway_cpu_ms_per_connect_disconnect"]), "", ""),
         ("dialog p99 ms", _fmt(pres["dialog_p99_ms"]["churn"]),
          _fmt(pres["dialog_p99_ms"]["steady"]), "within noise"),
         ("Postgres xacts/s", _fmt(pres["pg_xacts_per_s"]["churn"]),
