@@ -187,12 +187,14 @@ class Recorder:
 async def open_socket(
     host: str, port: int, path: str, origin: str | None, group: str, dialog_id: int,
     recorder: Recorder, timeout: float = 30.0,  # noqa: ASYNC109
+    kind: type[Socket] | None = None,
 ) -> Socket:
-    """Connect, upgrade, and wait for the ``ready`` frame."""
+    """Connect, upgrade, and wait for the ``ready`` frame (``kind``: a Socket subclass)."""
     loop = asyncio.get_running_loop()
     sock: Socket
+    factory = kind or Socket
     transport, sock = await asyncio.wait_for(
-        loop.create_connection(lambda: Socket(group, dialog_id, recorder), host, port), timeout
+        loop.create_connection(lambda: factory(group, dialog_id, recorder), host, port), timeout
     )
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [

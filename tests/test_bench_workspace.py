@@ -1,0 +1,60 @@
+"""`replyx bench-workspace --tiny` end to end: every number is produced and nothing is lost.
+
+Only the shape is checked; the figures are measured on a quiet machine, never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.fix_db import TEST_JWT_SECRET, child_environ
+
+
+def _numbers(value: Any, where: str = "") -> list[str]:
+    """The paths of every missing (None) number in ``value``."""
+    if value is None:
+        return [where]
+    if isinstance(value, dict):
+        return [m for k, v in value.items() for m in _numbers(v, f"{where}.{k}")]
+    return []
+
+
+def test_tiny_workspace_bench_reports_every_number_and_loses_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
+    env = child_environ(
+        DATABASE_URL=database_url,
+        REPLYX_DATA_DIR=str(tmp_path / "var"),
+        REPLYX_JWT_SECRET=TEST_JWT_SECRET,
+    )
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "replyx_ops.bench.workspace", "--tiny", "--json",
+         "--output", str(out)],
+        env=env, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "phase 4, churn" in result.stderr  # progress went to stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (out / f"workspace-{report['date']}.json").exists()
+
+    inbox, presence = report["inbox"], report["presence"]
+    assert report["lost"] == 0
+    assert inbox["lost"] == 0
+    assert inbox["inbox_sockets"] == 20
+    # Every message reaches each of its assistant's 5 inboxes.
+    assert inbox["frames"] == 5 * report["detail"]["inbox"]["messages"]
+    assert presence["connects"] > 0 and presence["churn_failed"] == 0
+    statements = presence["pg_presence_statements_per_s"]
+    assert presence["pg_presence_statements_per_s"]["churn"] > statements["steady"]
+    # Every number is present (pg_presence_xacts_added_per_s may not be: it is a difference).
+    for section in ("inbox", "presence"):
+        assert _numbers(report[section], section) == []
+    for phase in ("dialogs_only", "inbox", "steady", "churn"):
+        detail = report["detail"][phase]
+        assert detail["dialog_lost"] == 0 and detail["http_errors"] == 0
+        assert _numbers({k: v for k, v in detail.items() if k != "pg"}, phase) == []
