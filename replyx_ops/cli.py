@@ -23,6 +23,7 @@ from replyx.settings import ConfigError, Settings
 from replyx_ops import chaos, check, stack, state
 from replyx_ops.bench import hostile as bench_hostile
 from replyx_ops.bench import run as bench_run
+from replyx_ops.bench import workspace as bench_workspace
 
 log = logging.getLogger("replyx")
 
@@ -270,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bystanders' latency and gateway memory under hostile load")
     p.set_defaults(func=bench_hostile.main)
     bench_hostile.add_arguments(p)
+
+    p = sub.add_parser("bench-workspace",
+                       help="inbox latency and presence churn (the operator's workspace)")
+    p.set_defaults(func=bench_workspace.main)
+    bench_workspace.add_arguments(p)
 
     p = sub.add_parser("chaos", help="the seeded fault soak, checked against the database")
     p.set_defaults(func=chaos.main)
