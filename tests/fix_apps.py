@@ -21,6 +21,7 @@ from backend.db import Database
 from replyx.protocol import CloseCode
 from replyx.settings import Settings
 from replyx_client import DialogClient
+from tests.asyncapi import check_frames
 from tests.fix_db import Tenant
 from tests.fix_secrets import remember
 from ws_gateway.app import Gateway
@@ -197,6 +198,10 @@ class Sockets:
     async def close_all(self) -> None:
         for client in self.clients:
             await client.close()
+        # Whatever the test looked at, every frame received is one the protocol's
+        # document describes (docs/asyncapi.yaml), valid against its schema.
+        for client in self.clients:
+            check_frames(client.url, [frame.data for frame in client.frames])
 
 
 def start_backend(io_loop: IOLoop, settings: Settings, database_url: str) -> tuple[str, Any]:

@@ -11,63 +11,20 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import orjson
 import pytest
-import yaml
-from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from replyx.protocol import CloseCode, FrameType
+from tests.asyncapi import Frames, document
 from tests.fix_apps import Api
 from tests.fix_db import Tenant
 from ws_gateway.app import Gateway
-
-DOCUMENT = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.yaml"
-ROOT = "urn:replyx:asyncapi"
-
-
-def document() -> dict[str, Any]:
-    return yaml.safe_load(DOCUMENT.read_text())
-
-
-def resolve(doc: dict[str, Any], ref: str) -> Any:
-    node: Any = doc
-    for part in ref.removeprefix("#/").split("/"):
-        node = node[part]
-    return node
-
-
-def validator(doc: dict[str, Any], ref: str) -> Draft202012Validator:
-    """A validator for the schema at ``ref``, with the document's other schemas reachable."""
-    registry = Registry().with_resource(
-        ROOT, Resource.from_contents(doc, default_specification=DRAFT202012)
-    )
-    return Draft202012Validator({"$ref": f"{ROOT}{ref}"}, registry=registry)
-
-
-class Frames:
-    """The frames a channel may send, by type, each with its payload's validator."""
-
-    def __init__(self, doc: dict[str, Any], channel: str) -> None:
-        sent = [op for op in doc["operations"].values()
-                if op["action"] == "send" and op["channel"]["$ref"] == f"#/channels/{channel}"]
-        assert len(sent) == 1, channel
-        self.validators: dict[str, Draft202012Validator] = {}
-        for ref in sent[0]["messages"]:
-            message = resolve(doc, resolve(doc, ref["$ref"])["$ref"])
-            self.validators[message["name"]] = validator(doc, message["payload"]["$ref"])
-
-    def check(self, frame: dict[str, Any]) -> None:
-        assert frame.get("type") in self.validators, f"a frame the document does not list: {frame}"
-        self.validators[frame["type"]].validate(frame)
 
 
 def test_close_codes_are_replyx_protocol_close_codes() -> None:

@@ -19,9 +19,9 @@ import psycopg
 import pytest
 
 from replyx_client import DialogClient, DialogClosedError, InboxClient
+from tests.asyncapi import Frames, document
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant
-from tests.test_asyncapi import Frames, document
 from ws_gateway.app import Gateway
 
 BIN = Path(sys.executable).parent
