@@ -94,11 +94,12 @@ class Gateway:
         self.server = HTTPServer(
             self.make_app(parts), max_body_size=64 * 1024, idle_connection_timeout=120
         )
-        self.port = self.settings.gateway_port if port is None else port
+        self.port = self.settings.gateway_listen_port if port is None else port
         sockets = tornado.netutil.bind_sockets(self.port, host or self.settings.host)
         self.port = sockets[0].getsockname()[1]
         self.server.add_sockets(sockets)
-        log.info("gateway listening on %s:%d", host or self.settings.host, self.port)
+        log.info("%s listening on %s:%d", self.settings.gateway_name, host or self.settings.host,
+                 self.port)
 
     async def _open_pool(self) -> asyncpg.Pool:
         backoff = Backoff(initial=0.5, maximum=10.0)
@@ -155,6 +156,7 @@ class Gateway:
         registry.register(
             MetricsCollector(
                 stats,
+                gateway=settings.gateway_name,
                 sockets_by_kind=lambda: router.count_by_kind() | {
                     SocketKind.INBOX.value: workspace.count()},
                 listener_up=lambda: listener.is_up,

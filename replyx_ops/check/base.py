@@ -44,6 +44,9 @@ class Probe:
         self.host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host  # noqa: S104
         self.backend = f"http://{self.host}:{settings.backend_port}"
         self.gateway = f"http://{self.host}:{settings.gateway_port}"
+        #: Every gateway of this host (REPLYX_GATEWAYS): its name and base URL.
+        self.gateways = [(name, f"http://{self.host}:{port}") for name, port
+                         in zip(settings.gateway_names(), settings.gateway_ports(), strict=True)]
         self.proxy = f"http://{self.host}:{settings.nginx_port}"
         self.log_dir = settings.log_dir
         self.url: str | None = None

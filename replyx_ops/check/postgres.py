@@ -91,7 +91,7 @@ class PostgresChecks(Probe):
 
     def check_notify(self) -> Iterator[Result]:
         """A NOTIFY on the real channel, seen by our own LISTEN and counted by the gateway."""
-        counted_before = self._gateway_notifications()
+        counted_before = [self._gateway_notifications(base) for _, base in self.gateways]
         marker = secrets.token_hex(8)
         # A typing event for a dialog that does not exist: valid, so the gateway parses and
         # counts it without a warning, and routed to no socket.
@@ -136,38 +136,57 @@ class PostgresChecks(Probe):
             lambda: self._check_listener([pid for (pid,) in listeners], counted_before),
         )
 
-    def _check_listener(self, pids: list[int], counted_before: float | None) -> str:
+    def _check_listener(self, pids: list[int], counted_before: list[float | None]) -> str:
+        expected = len(self.gateways)
         hint = (f"start the gateway: `replyx ctl start gateway`; its log:"
                 f" {self.log_dir}/gateway.log")
         if not pids:
             raise CheckFailed(f"no {LISTENER_APP} session in pg_stat_activity", hint)
-        if len(pids) > 1:
+        if len(pids) < expected:
+            raise CheckFailed(
+                f"{len(pids)} {LISTENER_APP} session(s) for REPLYX_GATEWAYS={expected}",
+                f"each gateway holds one: `replyx ctl status`; logs: {self.log_dir}/gateway-*.log")
+        if expected == 1 and len(pids) > 1:
             raise CheckFailed(
                 f"{len(pids)} LISTEN sessions (backend pids {', '.join(map(str, pids))}):"
                 " more than one gateway runs on this database",
-                "run exactly one gateway process; stop the others",
+                "run exactly one gateway process, or set REPLYX_GATEWAYS (on other hosts:"
+                " REPLYX_GATEWAY_NAME) so that each is expected",
             )
-        if counted_before is None:
-            raise CheckFailed(f"LISTEN session pid {pids[0]}, but {self.gateway}/metrics"
-                              " does not answer", hint)
         # Any notification counts: under traffic ours is one of many, and that is fine.
+        waiting = {name for (name, _), before in zip(self.gateways, counted_before, strict=True)}
         deadline = time.monotonic() + self.timeout
         while True:
-            counted = self._gateway_notifications()
-            if counted is not None and counted > counted_before:
-                return (f"one LISTEN session (backend pid {pids[0]});"
-                        " the gateway received our NOTIFY")
+            for (name, base), before in zip(self.gateways, counted_before, strict=True):
+                if name in waiting:
+                    if before is None:
+                        raise CheckFailed(f"{len(pids)} LISTEN session(s), but {name}"
+                                          f" ({base}/metrics) does not answer",
+                                          hint.replace("gateway", name))
+                    counted = self._gateway_notifications(base)
+                    if counted is not None and counted > before:
+                        waiting.discard(name)
+            if not waiting:
+                break
             if time.monotonic() > deadline:
+                name = sorted(waiting)[0]
                 raise CheckFailed(
-                    f"LISTEN session pid {pids[0]}, but the gateway counted no notification"
-                    f" within {self.timeout:g}s",
-                    f"see {self.log_dir}/gateway.log and GET {self.gateway}/health",
+                    f"{', '.join(sorted(waiting))} counted no notification within"
+                    f" {self.timeout:g}s ({len(pids)} LISTEN session(s))",
+                    f"see {self.log_dir}/{name}.log and GET"
+                    f" {dict(self.gateways)[name]}/health",
                 )
             time.sleep(0.1)
+        if expected == 1 and len(pids) == 1:
+            return f"one LISTEN session (backend pid {pids[0]}); the gateway received our NOTIFY"
+        elsewhere = len(pids) - expected
+        return (f"{len(pids)} LISTEN sessions (backend pids {', '.join(map(str, pids))})"
+                + (f", {elsewhere} not of this host's gateways" if elsewhere else "")
+                + f"; all {expected} gateways received our NOTIFY")
 
-    def _gateway_notifications(self) -> float | None:
+    def _gateway_notifications(self, base: str) -> float | None:
         try:
-            _, _, body = self._get(self.gateway + "/metrics")
+            _, _, body = self._get(base + "/metrics")
         except OSError:
             return None
         for family in text_string_to_metric_families(body.decode()):

@@ -57,6 +57,7 @@ class StatusHandler(GatewayHandler):
                 dialogs[dialog_id] = {kind: kinds.get(kind, 0) for kind in KINDS}
         self.write_json(
             {
+                "gateway": self.parts.settings.gateway_name,
                 "connections": {
                     "total": sum(totals.values()) + inboxes,
                     **{k: totals[k] for k in KINDS}, SocketKind.INBOX: inboxes,

@@ -24,6 +24,7 @@ def health(parts: Parts) -> dict[str, Any]:
     lag = router.last_lag
     return {
         "status": "ok" if ok else "unavailable",
+        "gateway": parts.settings.gateway_name,
         "listener": parts.listener.state,
         "resyncing_dialogs": router.resyncing,
         "notification_lag_ms": round(lag * 1000, 2) if lag is not None else None,
