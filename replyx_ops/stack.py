@@ -55,8 +55,11 @@ def stack_environ(settings: Settings, database_url: str, *, front: str) -> dict[
 
 
 def gateway_servers(addresses: list[str]) -> str:
-    """nginx ``server`` lines of the ``replyx_gateway`` upstream, one per ``host:port``."""
-    return "\n        ".join(f"server {address};" for address in addresses)
+    """The ``server`` directives of nginx's ``replyx_gateway`` upstream, one per ``host:port``.
+
+    On one line: the header comment of conf/nginx.conf names the placeholder too.
+    """
+    return " ".join(f"server {address};" for address in addresses)
 
 
 def render_nginx_conf(settings: Settings, gateways: list[str] | None = None) -> Path:

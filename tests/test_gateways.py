@@ -159,7 +159,7 @@ async def test_rolling_restart_of_two_gateways_moves_at_most_half_and_loses_noth
     # Clients that wait out a gateway's restart (~2 s) before their first retry after 1012
     # come back to it (least_conn) instead of piling onto the other one.
     sockets, clients = await open_dialogs(stack, tenant, 40, backoff_initial=3.0)
-    where, totals = await placement(stack, 2)
+    _, totals = await placement(stack, 2)
     assert totals == {"gateway-1": 60, "gateway-2": 60}, totals
     dialog_ids = sorted({d for d, _ in clients})
     poster, close = sql_poster(database_url, dialog_ids, rate=40.0)
