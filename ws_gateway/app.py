@@ -112,6 +112,10 @@ class Gateway:
                     command_timeout=10,
                     timeout=5,
                     server_settings={"application_name": GATEWAY_APPLICATION},
+                    # A separate LISTEN URL means DATABASE_URL is a transaction pooler
+                    # (pgbouncer), where a named prepared statement may land on another
+                    # server connection: asyncpg then uses unnamed ones only.
+                    statement_cache_size=0 if self.settings.listen_database_url else 100,
                 )
             except Exception as exc:
                 if not GatewayStore.is_unavailable(exc):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
 from replyx import schema
-from replyx.pg import EmbeddedPostgres, redact_url
+from replyx.pg import EmbeddedPostgres, libpq_url, redact_url
 from replyx.protocol import LISTENER_APPLICATION as LISTENER_APP
 from replyx.protocol import MAX_ID
 from replyx.protocol import NOTIFY_CHANNEL as CHANNEL
@@ -99,7 +101,7 @@ class PostgresChecks(Probe):
             {"type": "typing", "dialog_id": NOWHERE, "sender": "system", "check": marker}
         ).decode()
         try:
-            with self._connect(autocommit=True) as listen, self._connect() as sender:
+            with self._connect_listen() as listen, self._connect() as sender:
                 listen.execute(f"LISTEN {CHANNEL}")
                 started = time.monotonic()
                 sender.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
@@ -127,14 +129,31 @@ class PostgresChecks(Probe):
                          f"LISTEN {CHANNEL} got our NOTIFY in {took * 1000:.0f} ms")
         else:
             yield Result(
-                "listen/notify", FAIL, f"our NOTIFY did not arrive within {self.timeout:g}s",
-                "LISTEN/NOTIFY needs a direct session: not through a transaction-pooling"
-                " pgbouncer",
+                "listen/notify", FAIL,
+                f"our NOTIFY did not arrive within {self.timeout:g}s on {self._listen_where()}",
+                "LISTEN/NOTIFY needs a direct session: a transaction-pooling pgbouncer hands"
+                " each transaction another server connection, so notifications never reach"
+                " the listener. Point REPLYX_LISTEN_DATABASE_URL straight at Postgres.",
             )
         yield from self._one(
             "gateway listener",
             lambda: self._check_listener([pid for (pid,) in listeners], counted_before),
         )
+
+    def _connect_listen(self) -> Any:
+        """The LISTEN side of the round trip: on the gateway's LISTEN URL, as it listens."""
+        listen_url = self.settings.listen_database_url
+        if listen_url is None:
+            return self._connect(autocommit=True)
+        return psycopg.connect(libpq_url(listen_url), connect_timeout=max(1, int(self.timeout)),
+                               application_name="replyx-check", autocommit=True)
+
+    def _listen_where(self) -> str:
+        url = self.settings.listen_database_url
+        where = "REPLYX_LISTEN_DATABASE_URL" if url else "DATABASE_URL"
+        port = urlsplit(url or self.url or "").port
+        # 6432 is pgbouncer's default port: say so, it is the usual cause.
+        return f"{where} (port {port}: pgbouncer's default)" if port == 6432 else where
 
     def _check_listener(self, pids: list[int], counted_before: list[float | None]) -> str:
         expected = len(self.gateways)
