@@ -3,8 +3,9 @@
 Invariant: at most one gateway is down at any moment, so at most its share of the
 sockets (about 1/N) is closed with 1012 at once. Each restarted gateway must answer
 ``/health`` 200 before the next one stops; then the command waits (at most
-:data:`SETTLE_SECONDS`) for it to hold its share of the sockets again, as nginx's
-``least_conn`` sends reconnecting clients to the emptiest gateway. Clients that retry
+:data:`SETTLE_SECONDS`) until the sockets it closed are back (the total over all gateways
+is what it was), mostly on it, as nginx's ``least_conn`` sends reconnecting clients to the
+emptiest gateway. Clients that retry
 while their gateway is still down are sent to the others by nginx, and move a second
 time when those restart: a client that waits out a restart (~2 s) before its first
 retry after 1012 moves once.
@@ -69,9 +70,10 @@ def rolling_restart(settings: Settings, ctl: Callable[[list[str]], int]) -> int:
                 return 1
             time.sleep(0.2)
         if i < len(names) and total:
-            share = total / len(names)
+            # Its sockets are back (on it, mostly: least_conn) before the next one closes its
+            # own; else both waves would be reconnecting at once.
             settle = time.monotonic() + SETTLE_SECONDS
-            while sockets(host, port) < 0.8 * share and time.monotonic() < settle:
+            while sum(sockets(host, p) for p in ports) < total and time.monotonic() < settle:
                 time.sleep(0.2)
         note(f"{name} healthy with {sockets(host, port)} socket(s)")
     return 0

@@ -59,7 +59,10 @@ def gateway_servers(addresses: list[str]) -> str:
 
     On one line: the header comment of conf/nginx.conf names the placeholder too.
     """
-    return " ".join(f"server {address};" for address in addresses)
+    # max_fails=0: a gateway that refuses is skipped for this connection only (next
+    # upstream), never marked down. Marked down, nginx answered "no live upstreams" (502)
+    # for a minute after a rolling restart while clients kept retrying, with both gateways up.
+    return " ".join(f"server {address} max_fails=0;" for address in addresses)
 
 
 def render_nginx_conf(settings: Settings, gateways: list[str] | None = None) -> Path:

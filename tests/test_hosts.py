@@ -64,7 +64,7 @@ async def test_gateways_on_two_hosts_behind_one_nginx(
         # The front host: conf/nginx.conf rendered with the gateways' addresses.
         front = make_settings(tmp_path / "front", NGINX_PORT=str(free_port()))
         conf = render_nginx_conf(front, [f"127.0.0.1:{port}" for port in hosts.values()])
-        assert all(f"server 127.0.0.1:{port};" in conf.read_text() for port in hosts.values())
+        assert all(f"server 127.0.0.1:{port} " in conf.read_text() for port in hosts.values())
         running.enter_context(process(
             ["/usr/sbin/nginx", "-e", "stderr", "-p", str(conf.parent), "-c", str(conf),
              "-g", "daemon off;"], tmp_path / "nginx.log"))
