@@ -177,10 +177,9 @@ class Settings:
         "REPLYX_GATEWAYS", 1, _count,
         "Gateway processes `replyx run` starts (each with its own LISTEN connection, behind"
         " nginx's upstream): named gateway-1..N when over 1, else gateway.", section=_PLACES)
-    gateway_instance: int = setting(
-        "REPLYX_GATEWAY_INSTANCE", 1, _count,
-        "Which of the REPLYX_GATEWAYS gateways this process is (supervisord sets it).",
-        section=_PLACES)
+    gateway_instance: int = setting("REPLYX_GATEWAY_INSTANCE", 1, _count, "Which of the"
+                                    " REPLYX_GATEWAYS this process is (supervisord sets it).",
+                                    section=_PLACES)
     gateway_name_env: str | None = setting(
         "REPLYX_GATEWAY_NAME", None, _text,
         "The gateway's name in its log lines, metrics (replyx_gateway_info) and debug status."
@@ -300,12 +299,10 @@ class Settings:
     def __post_init__(self) -> None:
         # A relative data dir means "under the directory the process started in".
         object.__setattr__(self, "data_dir", self.data_dir.expanduser().absolute())
-        if self.gateway_instance > self.gateways:
-            raise ConfigError(f"REPLYX_GATEWAY_INSTANCE={self.gateway_instance} is over"
-                              f" REPLYX_GATEWAYS={self.gateways}")
-        if self.gateway_port and self.gateway_port + self.gateways - 1 > 65535:
-            raise ConfigError(f"GATEWAY_PORT={self.gateway_port} with REPLYX_GATEWAYS="
-                              f"{self.gateways} runs past port 65535")
+        if self.gateway_instance > self.gateways or self.gateway_port + self.gateways > 65536:
+            raise ConfigError(f"REPLYX_GATEWAY_INSTANCE={self.gateway_instance}, REPLYX_GATEWAYS="
+                              f"{self.gateways}, GATEWAY_PORT={self.gateway_port}: instance"
+                              " over the count, or ports past 65535")
         if self.jwt_ttl_seconds > self.jwt_max_lifetime:
             raise ConfigError(
                 f"REPLYX_JWT_TTL={self.jwt_ttl_seconds} is longer than"
@@ -341,26 +338,6 @@ class Settings:
             if value is not None:
                 env[f.metadata["env"]] = str(value)
         return env
-
-    def gateway_names(self) -> list[str]:
-        """The gateways ``replyx run`` starts, as supervisord and their log files name them."""
-        if self.gateways == 1:
-            return ["gateway"]
-        return [f"gateway-{i}" for i in range(1, self.gateways + 1)]
-
-    def gateway_ports(self) -> list[int]:
-        """Their ports, in the order of :meth:`gateway_names`."""
-        return [self.gateway_port + i for i in range(self.gateways)]
-
-    @property
-    def gateway_name(self) -> str:
-        """This gateway's name (``REPLYX_GATEWAY_NAME``, else from its instance number)."""
-        return self.gateway_name_env or self.gateway_names()[self.gateway_instance - 1]
-
-    @property
-    def gateway_listen_port(self) -> int:
-        """The port this gateway listens on: its instance's in ``GATEWAY_PORT..+N-1``."""
-        return self.gateway_ports()[self.gateway_instance - 1]
 
     @property
     def log_dir(self) -> Path:

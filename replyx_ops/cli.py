@@ -20,7 +20,7 @@ from replyx.origins import normalize_origin
 from replyx.pg import EmbeddedPostgres, EmbeddedPostgresError, libpq_url, psql_binary
 from replyx.schema import SchemaMismatchError
 from replyx.settings import ConfigError, Settings
-from replyx_ops import check, gateways, stack, state
+from replyx_ops import check, rolling, stack, state
 from replyx_ops.bench import run as bench_run
 
 log = logging.getLogger("replyx")
@@ -196,9 +196,9 @@ def cmd_ctl(settings: Settings, args: argparse.Namespace) -> int:
                   else " or ".join(str(d) for d in state.candidates(settings)))
         raise CommandError(f"no stack is running (looked in {looked}): start one with"
                            " `replyx run`, or point REPLYX_DATA_DIR at its data dir")
-    if args.ctl_args in gateways.RESTART_ARGS:
+    if args.ctl_args in rolling.RESTART_ARGS:
         # One at a time: at most one gateway's sockets reconnect at once.
-        return gateways.rolling_restart(settings, lambda a: stack.supervisorctl(settings, a))
+        return rolling.rolling_restart(settings, lambda a: stack.supervisorctl(settings, a))
     return stack.supervisorctl(settings, args.ctl_args)
 
 

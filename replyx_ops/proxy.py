@@ -23,6 +23,7 @@ from tornado.httpserver import HTTPServer
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from replyx import logs
+from replyx.gateways import gateway_ports
 from replyx.settings import Settings
 from replyx.web import ApiError, JsonHandler
 
@@ -172,7 +173,7 @@ def make_app(settings: Settings) -> tornado.web.Application:
     host = "127.0.0.1" if settings.host in ("", "0.0.0.0", "::") else settings.host  # noqa: S104
     backend = f"http://{host}:{settings.backend_port}"
     gateway = f"http://{host}:{settings.gateway_port}"
-    sockets = Upstreams([f"ws://{host}:{port}" for port in settings.gateway_ports()])
+    sockets = Upstreams([f"ws://{host}:{port}" for port in gateway_ports(settings)])
     return tornado.web.Application(
         [
             (r"/api/.*", HttpProxy, {"upstream": backend}),

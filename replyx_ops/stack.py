@@ -23,6 +23,7 @@ from string import Template
 from typing import Any
 
 from replyx import schema
+from replyx.gateways import gateway_names, gateway_ports
 from replyx.pg import EmbeddedPostgres, redact_url
 from replyx.settings import Settings
 from replyx_ops import demo as demo_mod
@@ -72,7 +73,7 @@ def render_nginx_conf(settings: Settings, gateways: list[str] | None = None) -> 
         REPLYX_GATEWAYS of this host on GATEWAY_PORT..+N-1.
     """
     if gateways is None:
-        gateways = [f"127.0.0.1:{port}" for port in settings.gateway_ports()]
+        gateways = [f"127.0.0.1:{port}" for port in gateway_ports(settings)]
     target_dir = settings.data_dir / "nginx"
     for sub in ("", "client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (target_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -145,7 +146,7 @@ def preflight(settings: Settings, lock: state.RunLock) -> str | None:
                 " or give this one another REPLYX_DATA_DIR and other ports.")
     ports = [("BACKEND_PORT", settings.backend_port),
              *((f"GATEWAY_PORT+{i}" if i else "GATEWAY_PORT", port)
-               for i, port in enumerate(settings.gateway_ports())),
+               for i, port in enumerate(gateway_ports(settings))),
              ("NGINX_PORT", settings.nginx_port)]
     busy = [f"{name}={port}" for name, port in ports if port_in_use(settings.host, port)]
     if busy:
@@ -213,7 +214,7 @@ def run(settings: Settings, *, demo: bool = True, nginx: bool = True) -> int:
         host = settings.host
         backend_ok = wait_for(f"http://{host}:{settings.backend_port}/health", 60, supervisord)
         gateway_ok = all(wait_for(f"http://{host}:{port}/health", 60, supervisord)
-                         for port in settings.gateway_ports())
+                         for port in gateway_ports(settings))
         front_ok = wait_for(f"http://{host}:{settings.nginx_port}/health", 30, supervisord)
         if stopped():
             pass
@@ -278,7 +279,7 @@ def gateway_lines(settings: Settings) -> list[str]:
     return [
         f"  {name:<8} ws://{host}:{port}     (1 of {settings.gateways}, behind nginx /ws/)"
         f"   log {settings.log_dir}/{name}.log"
-        for name, port in zip(settings.gateway_names(), settings.gateway_ports(), strict=True)
+        for name, port in zip(gateway_names(settings), gateway_ports(settings), strict=True)
     ]
 
 

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from replyx import logs
+from replyx.gateways import gateway_name
 from replyx.pg import resolve_database_url
 from replyx.schema import SchemaMismatchError
 from replyx.settings import ConfigError, Settings
@@ -22,7 +23,7 @@ def main(router_factory: RouterFactory = Router) -> int:
         print(f"ws_gateway: {exc}", file=sys.stderr)
         return 2
     # One gateway keeps the plain format; among several, each line names its gateway.
-    name = settings.gateway_name
+    name = gateway_name(settings)
     logs.setup_logging(settings.log_level or "INFO", name=None if name == "gateway" else name)
     try:
         url = resolve_database_url(settings.database_url, settings.data_dir)

@@ -25,6 +25,7 @@ from tornado.httpserver import HTTPServer
 
 from replyx import logs, schema
 from replyx.backoff import Backoff
+from replyx.gateways import gateway_name, listen_port
 from replyx.pg import libpq_url
 from replyx.protocol import GATEWAY_APPLICATION, NOTIFY_CHANNEL, CloseCode, SocketKind
 from replyx.settings import Settings
@@ -94,11 +95,11 @@ class Gateway:
         self.server = HTTPServer(
             self.make_app(parts), max_body_size=64 * 1024, idle_connection_timeout=120
         )
-        self.port = self.settings.gateway_listen_port if port is None else port
+        self.port = listen_port(self.settings) if port is None else port
         sockets = tornado.netutil.bind_sockets(self.port, host or self.settings.host)
         self.port = sockets[0].getsockname()[1]
         self.server.add_sockets(sockets)
-        log.info("%s listening on %s:%d", self.settings.gateway_name, host or self.settings.host,
+        log.info("%s listening on %s:%d", gateway_name(self.settings), host or self.settings.host,
                  self.port)
 
     async def _open_pool(self) -> asyncpg.Pool:
@@ -160,7 +161,7 @@ class Gateway:
         registry.register(
             MetricsCollector(
                 stats,
-                gateway=settings.gateway_name,
+                gateway=gateway_name(settings),
                 sockets_by_kind=lambda: router.count_by_kind() | {
                     SocketKind.INBOX.value: workspace.count()},
                 listener_up=lambda: listener.is_up,

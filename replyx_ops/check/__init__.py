@@ -26,6 +26,7 @@ from functools import partial
 
 import orjson
 
+from replyx.gateways import gateway_names, gateway_ports
 from replyx.settings import Settings
 from replyx_ops import state
 from replyx_ops.check.base import FAIL, PASS, SKIP, CheckFailed, Result
@@ -94,7 +95,7 @@ class Checker(PostgresChecks, ProcessChecks, HttpChecks):
         for name, base in self.gateways:
             yield from self._one(f"{name} health", partial(self.check_gateway_health, name, base))
         yield from self._one("backend workers", self.check_backend_workers)
-        for name, port in zip(self.settings.gateway_names(), self.settings.gateway_ports(),
+        for name, port in zip(gateway_names(self.settings), gateway_ports(self.settings),
                               strict=True):
             yield from self._one(f"{name} process", partial(self.check_gateway_process, name, port))
         if self._nginx_configured():

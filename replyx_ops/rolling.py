@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import orjson
 
+from replyx.gateways import gateway_names, gateway_ports
 from replyx.settings import Settings
 
 #: How long to wait after a restarted gateway is healthy for its sockets to come back.
@@ -30,7 +31,7 @@ RESTART_ARGS = (["restart", "gateway"], ["restart", "gateway:*"])
 
 def supervisor_names(settings: Settings) -> list[str]:
     """supervisorctl's names of the gateways: ``gateway``, or ``gateway:gateway-1`` …"""
-    names = settings.gateway_names()
+    names = gateway_names(settings)
     return names if settings.gateways == 1 else [f"gateway:{name}" for name in names]
 
 
@@ -53,7 +54,7 @@ def sockets(host: str, port: int) -> int:
 def rolling_restart(settings: Settings, ctl: Callable[[list[str]], int]) -> int:
     """Restart every gateway in turn; ``ctl`` runs supervisorctl with the given arguments."""
     host = "127.0.0.1" if settings.host in ("", "0.0.0.0", "::") else settings.host  # noqa: S104
-    ports = settings.gateway_ports()
+    ports = gateway_ports(settings)
     names = supervisor_names(settings)
     for i, (name, port) in enumerate(zip(names, ports, strict=True), start=1):
         total = sum(sockets(host, p) for p in ports)
