@@ -14,6 +14,7 @@ from alembic.script import ScriptDirectory
 from psycopg import errors
 from sqlalchemy import create_engine, pool
 
+from replyx.backoff import Backoff
 from replyx.pg import libpq_url, sqlalchemy_url
 
 log = logging.getLogger("replyx.schema")
@@ -89,16 +90,16 @@ def wait_for_revision(database_url: str, timeout: float) -> str | None:
     """
 
     deadline = time.monotonic() + timeout
-    delay = 0.5
+    backoff = Backoff(initial=0.5, maximum=5.0)
     while True:
         try:
             return current_revision(database_url)
         except psycopg.OperationalError as exc:
+            delay = backoff.next()
             if time.monotonic() + delay > deadline:
                 raise
             log.warning("database unreachable (%s); retrying in %.1fs", type(exc).__name__, delay)
             time.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 def ensure_at_head(current: str | None) -> None:

@@ -250,8 +250,28 @@ class Settings:
                                   "…and how long a pong may take (seconds).", section=_LIMITS)
     join_timeout: float = setting(
         "REPLYX_JOIN_TIMEOUT", 10.0, _seconds,
-        "A new socket's authorisation and replay must finish within this (seconds), else 1013.",
+        "A new socket's authorisation must finish within this (seconds), else 1013.",
         section=_LIMITS)
+    fragment_timeout: float = setting("REPLYX_FRAGMENT_TIMEOUT", 10.0, _seconds, "A fragmented"
+        " client message must be finished within this (seconds), else 1008.", section=_LIMITS)
+    handshake_rate: float = setting(
+        "REPLYX_HANDSHAKE_RATE", 10.0, _rate, "Socket handshakes per second per client address"
+        " (burst REPLYX_HANDSHAKE_BURST), else 1008; a direct caller on this host is not"
+        " counted.", section=_LIMITS)
+    handshake_burst: int = setting("REPLYX_HANDSHAKE_BURST", 60, _count, "…and how many at once.",
+                                   section=_LIMITS)
+    address_frame_rate: float = setting(
+        "REPLYX_ADDRESS_FRAME_RATE", 200.0, _rate, "Inbound frames per second per client address"
+        " across all its sockets (burst REPLYX_ADDRESS_FRAME_BURST); the socket that goes over"
+        " is closed 1008.", section=_LIMITS)
+    address_frame_burst: int = setting("REPLYX_ADDRESS_FRAME_BURST", 400, _count,
+                                       "…and how many at once.", section=_LIMITS)
+    replay_page_bytes: int = setting(
+        "REPLYX_REPLAY_PAGE_BYTES", 1 << 20, _bytes(4096), "A replay (since=N) reads pages of at"
+        " most this many bytes of frames (and 500 rows; at least one row)…", section=_LIMITS)
+    replay_memory: int = setting(
+        "REPLYX_REPLAY_MEMORY", 32 << 20, _bytes(4096), "…and all pages held at once share this"
+        " many bytes (no room within REPLYX_JOIN_TIMEOUT: 1013).", section=_LIMITS)
 
     listener_probe_interval: float = setting(
         "REPLYX_PROBE_INTERVAL", 1.0, _seconds,

@@ -2,7 +2,9 @@
 
 It keeps the last ``seq`` it saw, and when the socket drops (gateway restart,
 network, 1012, 4008) it reconnects with backoff and ``since=<last seq>``, so it
-receives everything it missed and nothing twice. The test suite and
+receives everything it missed and nothing twice. With ``transport="sse"`` it
+reads the endpoint's server-sent events twin (``/sse/…``) instead and resumes
+the way a browser's EventSource does, with ``Last-Event-ID: <last seq>``. The test suite and
 ``replyx bench`` use it; ``replyx.js`` is the same logic for browsers.
 """
 
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,9 @@ import orjson
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from replyx.backoff import Backoff
 from replyx.protocol import FATAL_CLOSE_CODES
+from replyx_client.sse import EventStream, StreamRefusedError, sse_connect
 
 log = logging.getLogger("replyx_client")
 
@@ -49,7 +52,12 @@ class DialogClient:
     :param url: the full ``ws://…/ws/…/dialogs/N?…`` URL, without ``since``.
     :param resume: reconnect with ``since`` after a drop (a browser widget's behaviour).
     :param since: start from this seq (``None``: only what arrives from now on).
+    :param transport: ``ws`` (WebSocket) or ``sse`` (server-sent events on the same URL
+        with ``/sse/`` for ``/ws/``; ``url`` stays the socket's).
     """
+
+    #: A dialog resumes at its last seq; an inbox starts from a fresh snapshot.
+    resumes_with_seq = True
 
     url: str
     origin: str | None = None
@@ -58,6 +66,7 @@ class DialogClient:
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
     on_frame: Callable[[Frame], None] | None = None
+    transport: str = "ws"
 
     messages: list[dict[str, Any]] = field(default_factory=list)
     frames: list[Frame] = field(default_factory=list)
@@ -69,7 +78,7 @@ class DialogClient:
 
     def __post_init__(self) -> None:
         self.last_seq = self.since
-        self._conn: WebSocketClientConnection | None = None
+        self._conn: WebSocketClientConnection | EventStream | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
@@ -179,29 +188,45 @@ class DialogClient:
         headers = {"Origin": self.origin} if self.origin else None
         return HTTPRequest(url, headers=headers, connect_timeout=5, request_timeout=10)
 
+    @property
+    def stream_url(self) -> str:
+        """The SSE twin of ``url``: ``http(s)://…/sse/…``."""
+        parts = urlsplit(self.url)
+        scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+        path = "/sse/" + parts.path.removeprefix("/ws/")
+        return urlunsplit(parts._replace(scheme=scheme, path=path))
+
+    async def _connect(self) -> WebSocketClientConnection | EventStream:
+        if self.transport != "sse":
+            return await websocket_connect(self._request(), ping_interval=None)
+        headers = {"Origin": self.origin} if self.origin else {}
+        url = self.stream_url
+        if self.resumes_with_seq and self.last_seq is not None:
+            headers["Last-Event-ID"] = str(self.last_seq)
+        return await sse_connect(url, headers, timeout=5)
+
     def _stopped(self) -> bool:
         # A method, not the attribute: close() may set it while _run awaits, which mypy's
         # narrowing of ``self._stopping`` inside ``while not self._stopping`` cannot know.
         return self._stopping
 
     async def _run(self) -> None:
-        delay = self.backoff_initial
+        backoff = Backoff(initial=self.backoff_initial, maximum=self.backoff_max)
         while not self._stopping:
             try:
-                self._conn = await websocket_connect(self._request(), ping_interval=None)
-            except (OSError, HTTPClientError, TimeoutError) as exc:
+                self._conn = await self._connect()
+            except (OSError, HTTPClientError, TimeoutError, StreamRefusedError) as exc:
                 if not self.resume:
                     self._closed_for_good = DialogClosedError(None, str(exc))
                     self._notify()
                     return
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, self.backoff_max)
+                await asyncio.sleep(backoff.next())
                 continue
             self.connects += 1
             self._ready.clear()
             got_ready = await self._read(self._conn)
             if got_ready:
-                delay = self.backoff_initial
+                backoff.reset()
             code = self._conn.close_code
             self.close_codes.append(code)
             self._ready.clear()
@@ -212,10 +237,9 @@ class DialogClient:
                 self._closed_for_good = DialogClosedError(code, self._conn.close_reason)
                 self._notify()
                 return
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, self.backoff_max)
+            await asyncio.sleep(backoff.next())
 
-    async def _read(self, conn: WebSocketClientConnection) -> bool:
+    async def _read(self, conn: WebSocketClientConnection | EventStream) -> bool:
         got_ready = False
         while True:
             raw = await conn.read_message()
@@ -256,5 +280,6 @@ class DialogClient:
         return False
 
     async def send(self, value: dict[str, Any]) -> None:
-        assert self._conn is not None
+        """A client frame (``ping``); WebSocket only: an event stream has no uplink."""
+        assert isinstance(self._conn, WebSocketClientConnection)
         await self._conn.write_message(orjson.dumps(value).decode())

@@ -18,7 +18,9 @@ from replyx_client.dialog import DialogClient
 
 @dataclass
 class InboxClient(DialogClient):
-    """:param url: ``ws://…/ws/inbox?token=JWT``."""
+    """:param url: ``ws://…/ws/inbox?token=JWT`` (with ``transport="sse"``: ``/sse/inbox``)."""
+
+    resumes_with_seq = False
 
     dialogs: dict[int, dict[str, Any]] = field(default_factory=dict)
     total: int = 0

@@ -20,7 +20,8 @@ from replyx.origins import normalize_origin
 from replyx.pg import EmbeddedPostgres, EmbeddedPostgresError, libpq_url, psql_binary
 from replyx.schema import SchemaMismatchError
 from replyx.settings import ConfigError, Settings
-from replyx_ops import check, rolling, stack, state
+from replyx_ops import chaos, check, rolling, stack, state
+from replyx_ops.bench import hostile as bench_hostile
 from replyx_ops.bench import run as bench_run
 
 log = logging.getLogger("replyx")
@@ -268,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=bench_run.main)
     bench_run.add_arguments(p)
 
+    p = sub.add_parser("bench-hostile",
+                       help="bystanders' latency and gateway memory under hostile load")
+    p.set_defaults(func=bench_hostile.main)
+    bench_hostile.add_arguments(p)
+
+    p = sub.add_parser("chaos", help="the seeded fault soak, checked against the database")
+    p.set_defaults(func=chaos.main)
+    chaos.add_arguments(p)
+
     p = sub.add_parser(
         "dsn", help="print the database URL in use (starts the stack's embedded server)")
     p.set_defaults(func=cmd_dsn)
@@ -312,7 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"replyx: {exc}", file=sys.stderr)
         return 2
     logs.setup_logging(settings.log_level or "WARNING")
-    if args.command not in CREATING and args.command != "bench":
+    # The benchmark and the soak bring a stack and a database of their own.
+    if args.command not in CREATING and not args.command.startswith(("bench", "chaos")):
         # Whatever directory this runs in: the stack's data dir, ports and database.
         settings = state.located(settings)
 

@@ -3,9 +3,10 @@
 ``replyx run`` starts it on ``NGINX_PORT`` when nginx is not installed (or with
 ``--no-nginx``), so the demo pages and every URL the banner prints work on a
 bare machine with Python only. It routes as ``conf/nginx.conf`` does: ``/api/``
-and ``/health`` to the backend, ``/ws/`` (WebSocket) and ``/demo/`` to the
-gateway, with ``X-Real-IP`` / ``X-Forwarded-For`` set, so the per-address limits
-and the loopback rule of the debug endpoints see the real client. Anything else
+and ``/health`` to the backend, ``/ws/`` (WebSocket), ``/sse/`` (event streams,
+unbuffered) and ``/demo/`` to the gateway, with ``X-Real-IP`` / ``X-Forwarded-For``
+set, so the per-address limits and the loopback rule of the debug endpoints see the
+real client. Anything else
 is a JSON 404. It is a convenience for trying the product, not a production
 front: it buffers bodies whole and has none of nginx's timeouts and limits.
 """
@@ -85,6 +86,45 @@ class HttpProxy(JsonHandler):
         await self.finish()
 
     get = head = post = put = patch = delete = options = forward
+
+
+class StreamProxy(HttpProxy):
+    """An event stream (``/sse/``) passed on as it comes, as nginx does with buffering off."""
+
+    async def get(self, *args: str) -> None:
+        status: list[int] = []
+        headers: list[tuple[str, str]] = []
+
+        def on_header(line: str) -> None:
+            line = line.strip()
+            if line.startswith("HTTP/"):
+                status[:] = [int(line.split()[1])]
+                headers.clear()
+            elif ":" in line:
+                name, _, value = line.partition(":")
+                headers.append((name.strip(), value.strip()))
+
+        def on_chunk(chunk: bytes) -> None:
+            if not self._headers_written:
+                self.set_status(status[0] if status else 200)
+                for name, value in headers:
+                    if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":
+                        self.add_header(name, value)
+            self.write(chunk)
+            self.flush()
+
+        request = HTTPRequest(
+            self.upstream + self.request.uri, headers=forwarded_headers(self),
+            header_callback=on_header, streaming_callback=on_chunk,
+            connect_timeout=5, request_timeout=3600,
+        )
+        try:
+            await AsyncHTTPClient().fetch(request, raise_error=False)
+        except OSError as exc:
+            log.warning("upstream %s: %s", self.upstream, exc)
+        if not self._headers_written:
+            raise ApiError(502, "upstream unavailable")
+        await self.finish()
 
 
 class SocketProxy(tornado.websocket.WebSocketHandler):
@@ -179,6 +219,8 @@ def make_app(settings: Settings) -> tornado.web.Application:
             (r"/api/.*", HttpProxy, {"upstream": backend}),
             (r"/health", HttpProxy, {"upstream": backend}),
             (r"/ws/.*", SocketProxy, {"upstreams": sockets}),
+            # Streams stay on the first gateway in the stand-in (nginx spreads them too).
+            (r"/sse/.*", StreamProxy, {"upstream": gateway}),
             (r"/demo(?:/.*)?", HttpProxy, {"upstream": gateway}),
         ],
         default_handler_class=NotFound,

@@ -1,13 +1,12 @@
 """Network helpers of the suite, written once: a free port, and HTTP polling (sync and async).
 
-Fixtures and tests import these instead of writing their own; ``replyx bench`` keeps
-its own copies (it must not import the tests).
+Fixtures and tests import these instead of writing their own. The free port is the
+benchmark's (``replyx_ops.bench.measure``), which must not import the tests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -16,12 +15,9 @@ from typing import Any
 import orjson
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
+from replyx_ops.bench.measure import free_port
 
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port", "get_json", "get_text", "http_status", "wait_http", "wait_status"]
 
 
 def http_status(url: str, timeout: float = 2.0) -> int | None:

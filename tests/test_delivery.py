@@ -64,10 +64,13 @@ async def test_three_sites_in_parallel_get_only_their_own(
         # like a duplicate of this one's. (Checked: a router that also wrote each message to
         # the other dialogs' sockets already past its seq passed the old assertions, 17
         # foreign frames per client; it fails these.)
-        foreign = [f.data for f in client.frames if f.data.get("dialog_id") != dialog_id]
+        # (Presence frames for a site socket name no dialog: they are about its assistant.)
+        foreign = [f.data for f in client.frames
+                   if f.data.get("dialog_id") != dialog_id and f.data["type"] != "presence"]
         assert foreign == [], f"{len(foreign)} frames of other dialogs reached {dialog_id}"
         assert client.duplicates == 0 and client.gaps == 0
-        assert [f.data["type"] for f in client.frames] == ["ready"] + ["message"] * 10
+        assert [f.data["type"] for f in client.frames] == ["ready", "presence"] + ["message"] * 10
+        assert [f.data for f in client.frames][1] == {"type": "presence", "operators_online": 0}
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -99,7 +102,8 @@ async def test_rolled_back_insert_is_never_delivered_and_leaves_no_hole(
     assert "rolled back" not in texts(admin.messages)
 
 
-@pytest.mark.parametrize(("since", "snapshot"), [(None, "last_seq"), (0, "messages_after")])
+# The handshake reads last_seq and the first replay page in one query (site_opening).
+@pytest.mark.parametrize(("since", "snapshot"), [(None, "site_opening"), (0, "site_opening")])
 @pytest.mark.gen_test(timeout=30)
 async def test_a_message_committed_while_the_socket_joins_is_not_missed(
     api: Api, sockets: Sockets, gateway: Gateway, tenant: Tenant, sql: psycopg.Connection[Any],
@@ -108,8 +112,8 @@ async def test_a_message_committed_while_the_socket_joins_is_not_missed(
     """The join's own database read is slowed, and a row committed inside it, after its
     snapshot, and routed before the read returns: the socket must still get that row.
 
-    Without ``since`` the socket starts from the dialog's last seq (``last_seq``); with it,
-    from the replay (``messages_after``). Checked by breaking ws_gateway/router.py locally:
+    Without ``since`` the socket starts from the dialog's last seq; with it, from the replay;
+    both come from the handshake's one query. Checked by breaking ws_gateway/router.py locally:
     registering the socket after the replay fails the ``since=0`` case; going live on
     ``last_seq`` without a catch-up fails the ``since=None`` case (both reverted).
     """

@@ -20,8 +20,8 @@ import pytest
 
 from replyx_client import DialogClient, DialogClosedError, InboxClient
 from tests.fix_apps import Api, Sockets
-from tests.test_asyncapi import Frames, document
 from tests.fix_db import Tenant
+from tests.test_asyncapi import Frames, document
 from ws_gateway.app import Gateway
 
 BIN = Path(sys.executable).parent
@@ -221,3 +221,22 @@ async def test_inbox_refuses_bad_tokens(sockets: Sockets, tenant: Tenant) -> Non
             await client.connect()
         assert refused.value.code == 4001
         assert client.frames == []
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_socket_opened_after_a_read_learns_the_read_state_after_ready(
+    api: Api, sockets: Sockets, tenant: Tenant
+) -> None:
+    dialog_id, guest = await api.widget_dialog(tenant)
+    for i in range(3):
+        await api.post_widget(dialog_id, guest, f"v{i}")
+    r = await api.request("POST", f"/api/dialogs/{dialog_id}/read", {"seq": 2}, token=tenant.token)
+    assert r.code == 200
+    widget = await sockets.open(sockets.widget_url(tenant, dialog_id, guest),
+                                origin=tenant.domains[0])
+    await widget.wait_for_frame(lambda f: f.get("type") == "presence")
+    assert [f.data for f in widget.frames][:3] == [
+        {"type": "ready", "dialog_id": dialog_id, "last_seq": 3},
+        {"type": "read", "dialog_id": dialog_id, "side": "operator", "seq": 2},
+        {"type": "presence", "operators_online": 0},
+    ]

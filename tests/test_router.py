@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from ws_gateway.events import Event
 from ws_gateway.metrics import Stats
+from ws_gateway.replay import Page
 from ws_gateway.router import REPLAY_PAGE, Router
 
 DIALOG = 7
@@ -59,7 +60,9 @@ class Store:
     async def last_seq(self, dialog_id: int) -> int:
         return max(self.rows, default=0)
 
-    async def messages_after(self, dialog_id: int, since: int, limit: int) -> list[Any]:
+    async def messages_after(
+        self, dialog_id: int, since: int, limit: int, max_bytes: int = 1 << 30
+    ) -> list[Any]:
         self.queries += 1
         snapshot = [(seq, self.rows[seq]) for seq in sorted(self.rows) if seq > since][:limit]
         if self.gate is not None:
@@ -114,7 +117,7 @@ async def join(router: Router, store: Store, sock: Socket, since: int | None) ->
     mark = router.register(sock)
     start = await store.last_seq(DIALOG) if since is None else since
     page = await store.messages_after(DIALOG, start, REPLAY_PAGE)
-    await router.join(sock, mark, start, page)
+    await router.join(sock, start, Page(mark, page))
 
 
 @pytest.fixture

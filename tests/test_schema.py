@@ -148,8 +148,12 @@ def test_concurrent_writers_get_gap_free_seqs_notified_in_seq_order(
         for t in threads:
             t.join()
         total = len(committed)
-        notified = [orjson.loads(n.payload)["seq"]
-                    for n in listener.notifies(timeout=10, stop_after=total)]
+        # Each message is followed by its dialog's new state (for inboxes): 2 per commit.
+        payloads = [orjson.loads(n.payload)
+                    for n in listener.notifies(timeout=10, stop_after=2 * total)]
+        notified = [p["seq"] for p in payloads if p["type"] == "message"]
+        states = [p["last_seq"] for p in payloads if p["type"] == "dialog"]
+        assert states == notified  # each dialog state right after its message
     assert total == 8 * 6
     assert sorted(committed) == list(range(1, total + 1))
     assert seqs(sql, dialog) == list(range(1, total + 1))

@@ -87,6 +87,7 @@ PASS_THROUGH = {
     "replyx/settings.py": "the one reader of settings",
     "replyx_ops/stack.py": "supervisord's programs inherit the environment",
     "replyx_ops/bench/servers.py": "the benchmark's servers inherit the environment",
+    "replyx_ops/chaos/stack.py": "the soak's stack (replyx run) inherits the environment",
     "replyx_ops/bench/peers/starlette_broadcaster.py": "the peer is another product",
 }
 

@@ -30,20 +30,22 @@ from replyx.pg import libpq_url
 from replyx.protocol import GATEWAY_APPLICATION, NOTIFY_CHANNEL, CloseCode, SocketKind
 from replyx.settings import Settings
 from ws_gateway.consumer import Consumer, WriteBatch
-from ws_gateway.handlers.admin import AdminSocket
+from ws_gateway.handlers.admin import AdminSocket, AdminStream
 from ws_gateway.handlers.debug import StatusHandler, SyncHandler
+from ws_gateway.handlers.demo import DemoFiles, DemoRedirect
 from ws_gateway.handlers.health import HealthHandler, HealthSocket, health
 from ws_gateway.handlers.http import NotFoundHandler
-from ws_gateway.handlers.inbox import InboxSocket
+from ws_gateway.handlers.inbox import InboxSocket, InboxStream
 from ws_gateway.handlers.metrics import MetricsHandler
-from ws_gateway.handlers.site import SiteSocket
-from ws_gateway.handlers.widget import WidgetSocket
-from ws_gateway.limits import Limiter
+from ws_gateway.handlers.site import SiteSocket, SiteStream
+from ws_gateway.handlers.widget import WidgetSocket, WidgetStream
+from ws_gateway.limits import ByteBudget, Limiter
 from ws_gateway.listener import Listener
-from ws_gateway.metrics import MetricsCollector, Stats
+from ws_gateway.metrics import ConnectionsCollector, MetricsCollector, Stats, count_connections
 from ws_gateway.parts import OpenSocket, Parts
 from ws_gateway.presence import Presence
 from ws_gateway.router import Router
+from ws_gateway.sse import Streams
 from ws_gateway.store import GatewayStore, PresenceStore
 from ws_gateway.workspace import Workspace
 
@@ -57,7 +59,10 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 class RouterFactory(Protocol):
     """Builds the router; ``replyx bench`` passes its naive fan-out for comparison."""
 
-    def __call__(self, store: GatewayStore, stats: Stats, *, replay_chunk: int) -> Router: ...
+    def __call__(
+        self, store: GatewayStore, stats: Stats, *, replay_chunk: int, page_bytes: int,
+        budget: ByteBudget,
+    ) -> Router: ...
 
 
 class Gateway:
@@ -72,6 +77,8 @@ class Gateway:
         self.server: HTTPServer | None = None
         self.port: int | None = None
         self._stopping = asyncio.Event()
+        #: Seconds between the keep-alive comments of an idle SSE stream (tests shorten it).
+        self.sse_keep_alive = 10.0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -144,7 +151,10 @@ class Gateway:
         store = GatewayStore(pool)
         # Replays go out in chunks well under the per-socket buffer limit (see Router).
         replay_chunk = max(16 * 1024, settings.socket_buffer_limit // 4)
-        router = self.router_factory(store, stats, replay_chunk=replay_chunk)
+        router = self.router_factory(
+            store, stats, replay_chunk=replay_chunk, page_bytes=settings.replay_page_bytes,
+            budget=ByteBudget(settings.replay_memory),
+        )
         presence = Presence(PresenceStore(pool))
         workspace = Workspace(store, presence)
         consumer = Consumer(router, workspace, presence, stats, WriteBatch())
@@ -172,13 +182,20 @@ class Gateway:
                 presence=presence.gauges,
             )
         )
+        sockets: set[OpenSocket] = set()
+        registry.register(ConnectionsCollector(lambda: count_connections(sockets)))
         limiter = Limiter(
-            settings.max_sockets_per_ip, settings.client_msgs_per_second, settings.client_burst
+            settings.max_sockets_per_ip, settings.client_msgs_per_second, settings.client_burst,
+            handshakes_per_second=settings.handshake_rate,
+            handshake_burst=settings.handshake_burst,
+            address_frames_per_second=settings.address_frame_rate,
+            address_frame_burst=settings.address_frame_burst,
         )
         return Parts(
             settings=settings, jwt_secret=settings.jwt_secret(), store=store, router=router,
             listener=listener, consumer=consumer, limiter=limiter, stats=stats,
-            registry=registry, workspace=workspace, presence=presence, sockets=set(),
+            registry=registry, workspace=workspace, presence=presence,
+            streams=Streams(self.sse_keep_alive), sockets=sockets,
             stopping=self._stopping,
         )
 
@@ -217,6 +234,7 @@ class Gateway:
         await parts.consumer.stop()
         await parts.router.close()
         await parts.workspace.close()
+        parts.streams.close()
         pool = parts.store.pool
         try:
             # Politely, but briefly: across a network partition each connection's close
@@ -279,14 +297,19 @@ class Gateway:
                 (rf"/ws/widget/dialogs/{ID}", WidgetSocket, deps),
                 (rf"/ws/site/dialogs/{ID}", SiteSocket, deps),
                 (r"/ws/inbox", InboxSocket, deps),
+                # The same sessions over server-sent events, for networks that block sockets.
+                (rf"/sse/dialogs/{ID}", AdminStream, deps),
+                (rf"/sse/widget/dialogs/{ID}", WidgetStream, deps),
+                (rf"/sse/site/dialogs/{ID}", SiteStream, deps),
+                (r"/sse/inbox", InboxStream, deps),
                 (r"/health", HealthHandler, deps),
                 (r"/api/debug/websocket/status", StatusHandler, deps),
                 (r"/api/debug/websocket/sync", SyncHandler, deps),
                 (r"/metrics", MetricsHandler, deps),
                 (r"/ws/health", HealthSocket, deps),
-                (r"/demo", tornado.web.RedirectHandler, {"url": "/demo/"}),
-                (r"/demo/(.*)", tornado.web.StaticFileHandler,
-                 {"path": str(STATIC_DIR), "default_filename": "index.html"}),
+                (r"/demo", DemoRedirect),
+                (r"/demo/(.*)", DemoFiles,
+                 {"path": str(STATIC_DIR), "default_filename": "index.html", "parts": parts}),
             ],
             default_handler_class=NotFoundHandler,
             default_handler_args=deps,

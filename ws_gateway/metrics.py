@@ -11,13 +11,14 @@ router bumps plain attributes of :class:`Stats` instead, and
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from replyx.protocol import REFUSAL_CODES
+from replyx.protocol import REFUSAL_CODES, SocketKind
 
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -40,6 +41,42 @@ class Stats:
 
     def observe_lag(self, seconds: float) -> None:
         self.lag.observe(max(seconds, 0.0))
+
+
+TRANSPORTS = ("ws", "sse")
+
+
+class Connection(Protocol):
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def transport_name(self) -> str: ...
+
+
+def count_connections(sessions: Iterable[Connection]) -> dict[tuple[str, str], int]:
+    """Open sessions by (kind, transport), every pair present (from 0)."""
+    counts = {(kind.value, transport): 0 for kind in SocketKind for transport in TRANSPORTS}
+    for session in sessions:
+        counts[(str(session.kind), session.transport_name)] += 1
+    return counts
+
+
+class ConnectionsCollector(Collector):
+    """``replyx_connections{kind,transport}``: sessions by transport (WebSocket or SSE)."""
+
+    def __init__(self, read: Callable[[], dict[tuple[str, str], int]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "replyx_connections",
+            "Open client connections (authorising ones included) by kind and transport",
+            labels=["kind", "transport"],
+        )
+        for (kind, transport), count in sorted(self.read().items()):
+            family.add_metric([kind, transport], count)
+        yield family
 
 
 class MetricsCollector(Collector):
@@ -89,7 +126,8 @@ class MetricsCollector(Collector):
         info.add_metric([self.gateway], 1)
         yield info
         sockets = GaugeMetricFamily(
-            "replyx_sockets", "Open WebSocket connections by kind", labels=["kind"]
+            "replyx_sockets", "Open client connections (WebSocket and SSE) by kind",
+            labels=["kind"]
         )
         for kind, count in sorted(self.sockets_by_kind().items()):
             sockets.add_metric([kind], count)

@@ -21,12 +21,19 @@ from ws_gateway.listener import Listener
 from ws_gateway.metrics import Stats
 from ws_gateway.presence import Presence
 from ws_gateway.router import Router
+from ws_gateway.sse import Streams
 from ws_gateway.store import GatewayStore
 from ws_gateway.workspace import Workspace
 
 
 class OpenSocket(Protocol):
-    """Any socket from the first line of its ``open()``, joined or not yet."""
+    """Any session (socket or stream) from its admission, joined or not yet."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def transport_name(self) -> str: ...
 
     @property
     def is_finished(self) -> bool: ...
@@ -47,6 +54,8 @@ class Parts:
     registry: CollectorRegistry
     workspace: Workspace
     presence: Presence
+    #: What every SSE stream shares: the rendering of each event, the keep-alive ticker.
+    streams: Streams
     #: Every open socket, so that a shutdown can close even those still authorising.
     sockets: set[OpenSocket]
     #: Set once the gateway is stopping: new sockets get 1012, ``/health`` says unavailable.

@@ -36,6 +36,7 @@ would be in neither and would reach the socket only with the next message.
 Replayed frames are written in chunks of ``replay_chunk`` bytes, each waiting
 until the socket has handed the previous one to the kernel, so a long replay
 never overflows the per-socket write buffer of a client that reads normally.
+Memory is bounded in bytes: see :mod:`ws_gateway.replay`.
 """
 
 from __future__ import annotations
@@ -44,14 +45,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine, Iterable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from replyx.backoff import Backoff
 from replyx.protocol import CloseCode, FrameType, SocketKind
 from ws_gateway.events import Event, age_seconds
 from ws_gateway.frames import ready_frame, text_frame
+from ws_gateway.limits import ByteBudget
 from ws_gateway.metrics import Stats
+from ws_gateway.replay import Mark, Page
 from ws_gateway.store import GatewayStore
 
 log = logging.getLogger("ws_gateway.router")
@@ -59,17 +61,8 @@ log = logging.getLogger("ws_gateway.router")
 REPLAY_PAGE = 500
 
 
-@dataclass(frozen=True, slots=True)
-class Mark:
-    """Where routing stood when a query began: ``tick`` orders buffered frames against
-    its snapshot, ``generation`` tells whether notifications may have been lost since."""
-
-    tick: int
-    generation: int
-
-
 class Subscriber(Protocol):
-    """One socket, as the router sees it."""
+    """One socket or SSE stream, as the router sees it (it never asks which)."""
 
     dialog_id: int
     sent_seq: int
@@ -99,11 +92,14 @@ class Router:
     """Dialog id → its sockets (:attr:`dialogs`), and the routing of events to them."""
 
     def __init__(
-        self, store: GatewayStore, stats: Stats, *, replay_chunk: int = 256 * 1024
+        self, store: GatewayStore, stats: Stats, *, replay_chunk: int = 256 * 1024,
+        page_bytes: int = 1 << 20, budget: ByteBudget | None = None,
     ) -> None:
         self.store = store
         self.stats = stats
         self.replay_chunk = replay_chunk
+        self.page_bytes = page_bytes
+        self.budget = budget or ByteBudget(32 << 20)
         self.dialogs: dict[int, set[Subscriber]] = {}
         self._tick = 0  # counts routed message events; orders buffer entries against queries
         self._generation = 0  # moves on whenever notifications may have been lost
@@ -151,14 +147,12 @@ class Router:
         self.dialogs.setdefault(sub.dialog_id, set()).add(sub)
         return Mark(self._tick, self._generation)
 
-    async def join(
-        self, sub: Subscriber, mark: Mark, start_seq: int, page: list[tuple[int, bytes]]
-    ) -> None:
+    async def join(self, sub: Subscriber, start_seq: int, page: Page) -> None:
         """Second half: write ``page`` (rows with seq > ``start_seq``, read by a query that
-        began after :meth:`register` gave ``mark``), catch up the rest, go live, send ``ready``.
+        began after :meth:`register` gave its mark), catch up the rest, go live, send ``ready``.
         """
         sub.sent_seq = start_seq
-        await self.catch_up(sub.dialog_id, [sub], announce=True, first=(mark, page))
+        await self.catch_up(sub.dialog_id, [sub], announce=True, first=page)
 
     # -- routing ---------------------------------------------------------------
 
@@ -278,7 +272,7 @@ class Router:
         subs: list[Subscriber],
         *,
         announce: bool = False,
-        first: tuple[Mark, list[tuple[int, bytes]]] | None = None,
+        first: Page | None = None,
     ) -> None:
         """Bring buffering sockets of one dialog up to date, then make them live.
 
@@ -289,29 +283,36 @@ class Router:
         """
         pending = [s for s in subs if s.is_open]
         while pending:
-            if first is not None:
-                (mark, rows), first = first, None
-            else:
+            page, first = first, None
+            if page is None:
                 page = await self._next_page(dialog_id, pending)
                 if page is None:
                     return
-                mark, rows = page
                 pending = [s for s in pending if s.is_open]
-            queued = 0
-            for seq, payload in rows:
-                frame = text_frame(payload)
-                for sub in pending:
-                    # Rows come in seq order; normally seq == sent_seq + 1. A row deleted by
-                    # hand leaves a hole, which must not stop the dialog for good.
-                    if seq > sub.sent_seq and sub.write_frame(frame):
-                        sub.sent_seq = seq
-                        self.stats.frames_replayed += 1
-                queued += len(frame)
-                if queued >= self.replay_chunk:
-                    # Routed frames keep going to the buffers while we wait.
-                    pending = await self._drained(pending)
-                    queued = 0
-            if len(rows) == REPLAY_PAGE:
+            mark, rows, lease = page.mark, page.rows, page.lease
+            page.rows, page.lease = [], None
+            queued = size = 0
+            count = len(rows)
+            try:
+                for seq, payload in rows:
+                    frame = text_frame(payload)
+                    for sub in pending:
+                        # Rows come in seq order; normally seq == sent_seq + 1. A row deleted
+                        # by hand leaves a hole, which must not stop the dialog for good.
+                        if seq > sub.sent_seq and sub.write_frame(frame):
+                            sub.sent_seq = seq
+                            self.stats.frames_replayed += 1
+                    queued += len(frame)
+                    size += len(payload)
+                    if queued >= self.replay_chunk:
+                        # Routed frames keep going to the buffers while we wait.
+                        pending = await self._drained(pending)
+                        queued = 0
+            finally:
+                del rows  # the page goes before its room in the budget does
+                if lease is not None:
+                    lease.release()
+            if size >= self.page_bytes or count == REPLAY_PAGE:
                 # A long history: let the sockets drain before the next page.
                 pending = await self._drained(pending)
                 continue
@@ -335,20 +336,26 @@ class Router:
 
     async def _next_page(
         self, dialog_id: int, subs: list[Subscriber]
-    ) -> tuple[Mark, list[tuple[int, bytes]]] | None:
-        """The next replay page for ``subs`` and the mark taken before its query began.
+    ) -> Page | None:
+        """The next replay page for ``subs``, the mark taken before its query began, and the
+        page's lease on the budget (taken before the query: the caller releases it).
 
         Waits out an unreachable database with backoff; None when every socket has
         left meanwhile, or after any other error (the sockets are closed with 1011).
         """
         backoff = Backoff(initial=0.2, maximum=5.0)
         while subs:
+            lease = await self.budget.acquire(self.page_bytes)
             mark = Mark(self._tick, self._generation)
             try:
                 rows = await self.store.messages_after(
-                    dialog_id, min(s.sent_seq for s in subs), REPLAY_PAGE
+                    dialog_id, min(s.sent_seq for s in subs), REPLAY_PAGE, self.page_bytes
                 )
-            except Exception as exc:
+                lease.shrink(sum(len(payload) for _, payload in rows))
+            except BaseException as exc:
+                lease.release()
+                if not isinstance(exc, Exception):
+                    raise
                 if not self.store.is_unavailable(exc):
                     log.exception("catch-up of dialog %d failed; closing its sockets", dialog_id)
                     for sub in subs:
@@ -358,7 +365,7 @@ class Router:
                 await asyncio.sleep(backoff.next())
                 subs = [s for s in subs if s.is_open]
                 continue
-            return mark, rows
+            return Page(mark, rows, lease)
         return None
 
     @staticmethod

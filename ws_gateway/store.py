@@ -19,18 +19,27 @@ from replyx.protocol import NOTIFY_CHANNEL
 
 # Each handshake query below returns one row per message of the first replay page
 # (rows with seq > since ($3), or > last_seq when the client gave no since (NULL), in
-# seq order, at most $4), each with the dialog's last_seq; a single row with a NULL seq
-# when the page is empty; no row when the credential is refused. One statement is one
-# snapshot, so last_seq and the page agree with each other.
+# seq order, at most $4 rows and, past the first row, at most $5 bytes of frames: pages
+# are bounded in bytes, as a row may be ~200 KB. Only rows whose texts fit the budget are
+# rendered (octet_length of a stored text does not detoast it), so a page query's work is
+# bounded by the budget too, not by 500 huge rows), each with the dialog's last_seq;
+# a single row with a NULL seq when the page is empty; no row when the credential is
+# refused. One statement is one snapshot, so last_seq and the page agree with each other.
 
 # Operator: the user must be an operator of the dialog's assistant. No row: refused.
 _ADMIN_OPENING = """
-    SELECT d.assistant_id, d.last_seq, p.seq, p.frame
+    SELECT d.assistant_id, d.last_seq, d.operator_read_seq, d.visitor_read_seq, p.seq, p.frame
       FROM dialogs d JOIN assistant_operators o ON o.assistant_id = d.assistant_id
       LEFT JOIN LATERAL (
-          SELECT m.seq, replyx_message_json(m) AS frame FROM messages m
-           WHERE m.dialog_id = d.id AND m.seq > COALESCE($3::bigint, d.last_seq)
-           ORDER BY m.seq LIMIT $4
+          SELECT seq, frame FROM (SELECT r.seq, r.frame,
+                 sum(octet_length(r.frame)) OVER (ORDER BY r.seq) - octet_length(r.frame) AS ahead
+            FROM (SELECT c.seq, replyx_message_json(m) AS frame
+                    FROM (SELECT m.id, m.seq, sum(octet_length(m.text)) OVER (ORDER BY m.seq)
+                                 - octet_length(m.text) AS text_ahead FROM messages m
+                           WHERE m.dialog_id = d.id AND m.seq > COALESCE($3::bigint, d.last_seq)
+                           ORDER BY m.seq LIMIT $4) c
+                    JOIN messages m ON m.id = c.id WHERE c.text_ahead < $5) r) w
+           WHERE w.ahead < $5
       ) p ON true
      WHERE d.id = $1 AND o.user_id = $2
      ORDER BY p.seq
@@ -54,34 +63,54 @@ _INBOX_SNAPSHOT = """
 # Widget: the guest token names exactly one dialog; the origin rule needs its domains.
 # The page is read only when that dialog is the one asked for ($2).
 _GUEST_OPENING = """
-    SELECT d.id, d.assistant_id, a.domains, d.last_seq, p.seq, p.frame
+    SELECT d.id, d.assistant_id, a.domains, d.last_seq, d.operator_read_seq, d.visitor_read_seq,
+           p.seq, p.frame
       FROM dialogs d JOIN assistants a ON a.id = d.assistant_id
       LEFT JOIN LATERAL (
-          SELECT m.seq, replyx_message_json(m) AS frame FROM messages m
-           WHERE m.dialog_id = d.id AND d.id = $2
-             AND m.seq > COALESCE($3::bigint, d.last_seq)
-           ORDER BY m.seq LIMIT $4
+          SELECT seq, frame FROM (SELECT r.seq, r.frame,
+                 sum(octet_length(r.frame)) OVER (ORDER BY r.seq) - octet_length(r.frame) AS ahead
+            FROM (SELECT c.seq, replyx_message_json(m) AS frame
+                    FROM (SELECT m.id, m.seq, sum(octet_length(m.text)) OVER (ORDER BY m.seq)
+                                 - octet_length(m.text) AS text_ahead FROM messages m
+                           WHERE m.dialog_id = d.id AND d.id = $2
+                             AND m.seq > COALESCE($3::bigint, d.last_seq)
+                           ORDER BY m.seq LIMIT $4) c
+                    JOIN messages m ON m.id = c.id WHERE c.text_ahead < $5) r) w
+           WHERE w.ahead < $5
       ) p ON true
      WHERE d.guest_token_hash = $1
      ORDER BY p.seq
 """
 # Site: the token names an assistant; the dialog must be one of its dialogs (else d.* NULL).
 _SITE_OPENING = """
-    SELECT a.id AS assistant_id, d.id AS dialog_id, d.last_seq, p.seq, p.frame
+    SELECT a.id AS assistant_id, d.id AS dialog_id, d.last_seq, d.operator_read_seq,
+           d.visitor_read_seq, p.seq, p.frame
       FROM assistants a
       LEFT JOIN dialogs d ON d.id = $2 AND d.assistant_id = a.id
       LEFT JOIN LATERAL (
-          SELECT m.seq, replyx_message_json(m) AS frame FROM messages m
-           WHERE m.dialog_id = d.id AND m.seq > COALESCE($3::bigint, d.last_seq)
-           ORDER BY m.seq LIMIT $4
+          SELECT seq, frame FROM (SELECT r.seq, r.frame,
+                 sum(octet_length(r.frame)) OVER (ORDER BY r.seq) - octet_length(r.frame) AS ahead
+            FROM (SELECT c.seq, replyx_message_json(m) AS frame
+                    FROM (SELECT m.id, m.seq, sum(octet_length(m.text)) OVER (ORDER BY m.seq)
+                                 - octet_length(m.text) AS text_ahead FROM messages m
+                           WHERE m.dialog_id = d.id AND m.seq > COALESCE($3::bigint, d.last_seq)
+                           ORDER BY m.seq LIMIT $4) c
+                    JOIN messages m ON m.id = c.id WHERE c.text_ahead < $5) r) w
+           WHERE w.ahead < $5
       ) p ON true
      WHERE a.site_token_hash = $1
      ORDER BY p.seq
 """
 _LAST_SEQ = "SELECT last_seq FROM dialogs WHERE id = $1"
 _MESSAGES_AFTER = """
-    SELECT m.seq, replyx_message_json(m) FROM messages m
-     WHERE m.dialog_id = $1 AND m.seq > $2 ORDER BY m.seq LIMIT $3
+    SELECT seq, frame FROM (SELECT r.seq, r.frame,
+           sum(octet_length(r.frame)) OVER (ORDER BY r.seq) - octet_length(r.frame) AS ahead
+      FROM (SELECT c.seq, replyx_message_json(m) AS frame
+              FROM (SELECT m.id, m.seq, sum(octet_length(m.text)) OVER (ORDER BY m.seq)
+                           - octet_length(m.text) AS text_ahead FROM messages m
+                     WHERE m.dialog_id = $1 AND m.seq > $2 ORDER BY m.seq LIMIT $3) c
+              JOIN messages m ON m.id = c.id WHERE c.text_ahead < $4) r) w
+     WHERE w.ahead < $4 ORDER BY seq
 """
 _MESSAGE_BY_REF = """
     SELECT replyx_message_json(m) FROM messages m
@@ -100,6 +129,8 @@ class Opening:
 
     assistant_id: int
     last_seq: int
+    #: (operator_read_seq, visitor_read_seq) in the same snapshot: sent after ``ready``.
+    read_seqs: tuple[int, int]
     page: list[tuple[int, bytes]]
 
 
@@ -116,6 +147,7 @@ def _opening(rows: list[asyncpg.Record]) -> Opening:
     return Opening(
         int(rows[0]["assistant_id"]),
         int(rows[0]["last_seq"]),
+        (int(rows[0]["operator_read_seq"]), int(rows[0]["visitor_read_seq"])),
         [(row["seq"], row["frame"].encode()) for row in rows if row["seq"] is not None],
     )
 
@@ -147,18 +179,18 @@ class GatewayStore:
     # its dialog's last seq AND the first replay page (see Router.register).
 
     async def admin_opening(
-        self, dialog_id: int, user_id: int, since: int | None, limit: int
+        self, dialog_id: int, user_id: int, since: int | None, limit: int, max_bytes: int
     ) -> Opening | None:
         """The opening of an operator's socket; None when the dialog is not theirs."""
-        rows = await self.pool.fetch(_ADMIN_OPENING, dialog_id, user_id, since, limit)
+        rows = await self.pool.fetch(_ADMIN_OPENING, dialog_id, user_id, since, limit, max_bytes)
         return _opening(rows) if rows else None
 
     async def guest_opening(
-        self, guest_token: str, dialog_id: int, since: int | None, limit: int
+        self, guest_token: str, dialog_id: int, since: int | None, limit: int, max_bytes: int
     ) -> GuestDialog | None:
         """The dialog a guest token names (None: no such token), with the opening."""
         rows = await self.pool.fetch(
-            _GUEST_OPENING, security.token_hash(guest_token), dialog_id, since, limit
+            _GUEST_OPENING, security.token_hash(guest_token), dialog_id, since, limit, max_bytes
         )
         if not rows:
             return None
@@ -169,11 +201,11 @@ class GatewayStore:
         )
 
     async def site_opening(
-        self, site_token: str, dialog_id: int, since: int | None, limit: int
+        self, site_token: str, dialog_id: int, since: int | None, limit: int, max_bytes: int
     ) -> tuple[bool, Opening | None]:
         """(token valid, the opening when the dialog belongs to the token's assistant)."""
         rows = await self.pool.fetch(
-            _SITE_OPENING, security.token_hash(site_token), dialog_id, since, limit
+            _SITE_OPENING, security.token_hash(site_token), dialog_id, since, limit, max_bytes
         )
         if not rows:
             return False, None
@@ -185,13 +217,23 @@ class GatewayStore:
         assert row is not None
         return list(row[0]), int(row[1]), list(row[2])
 
-    async def last_seq(self, dialog_id: int) -> int:
-        return int(await self.pool.fetchval(_LAST_SEQ, dialog_id) or 0)
+    async def existing_last_seq(self, dialog_id: int) -> int | None:
+        """The dialog's last seq, or None when there is no such dialog."""
+        value = await self.pool.fetchval(_LAST_SEQ, dialog_id)
+        return None if value is None else int(value)
+
+    async def assistant_domains(self, assistant_id: int) -> list[str]:
+        """The page origins an assistant's widget may run on (empty: no such assistant)."""
+        domains = await self.pool.fetchval(
+            "SELECT domains FROM assistants WHERE id = $1", assistant_id)
+        return list(domains or [])
+
 
     async def messages_after(
-        self, dialog_id: int, since: int, limit: int
+        self, dialog_id: int, since: int, limit: int, max_bytes: int
     ) -> list[tuple[int, bytes]]:
-        rows = await self.pool.fetch(_MESSAGES_AFTER, dialog_id, since, limit)
+        """Rows with seq > ``since``: at most ``limit``, and past the first, ``max_bytes``."""
+        rows = await self.pool.fetch(_MESSAGES_AFTER, dialog_id, since, limit, max_bytes)
         return [(row[0], row[1].encode()) for row in rows]
 
     async def message_by_ref(self, dialog_id: int, seq: int, message_id: int) -> bytes | None:

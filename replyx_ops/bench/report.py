@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +148,38 @@ def plot(r: dict[str, Any], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def summarise(ours: dict[str, Any], naive_fan: dict[str, Any],
+              peer: dict[str, Any] | None) -> dict[str, Any]:
+    """The result of a run: the headline numbers, each phase's detail, the targets."""
+    lat, fan = ours["latency"], ours["fanout"]
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "latency_ms": lat["latency_ms"],
+        "sockets": lat["sockets"],
+        "rate_msgs_per_s": lat["rate_msgs_per_s"],
+        "lost": lat["lost"] + fan["lost"] + ours["routing"]["lost"] + naive_fan["lost"],
+        "fanout_frames_per_s": fan["frames_per_s"],
+        "naive_fanout_frames_per_s": naive_fan["frames_per_s"],
+        "notify_route_per_s": fan["many_dialogs"]["notifications_per_s"],
+        "pg_commit_per_s": ours["routing"]["pg_commit_per_s"],
+        "rss_kb_per_socket": ours["memory"]["rss_kb_per_socket"],
+        "idle_sockets": ours["memory"]["sockets"],
+        "peer": None,
+        "detail": {"replyx": ours, "naive": naive_fan},
+    }
+    if peer is not None:
+        result["peer"] = {
+            "latency_ms": peer["latency"]["latency_ms"],
+            "sockets": peer["latency"]["sockets"],
+            "rate_msgs_per_s": peer["latency"]["rate_msgs_per_s"],
+            "lost": peer["latency"]["lost"] + peer["fanout"]["lost"],
+            "fanout_frames_per_s": peer["fanout"]["frames_per_s"],
+            "notify_route_per_s": peer["fanout"]["many_dialogs"]["notifications_per_s"],
+            "rss_kb_per_socket": peer["memory"]["rss_kb_per_socket"],
+            "idle_sockets": peer["memory"]["sockets"],
+        }
+        result["detail"]["peer"] = peer
+    result["targets"] = targets(result)
+    return result

@@ -27,24 +27,22 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from replyx.settings import Settings
 from replyx_ops.bench import report
 from replyx_ops.bench.load import Process, SocketPool, poster_main
+from replyx_ops.bench.measure import Progress, free_port, get_json, machine_info, percentiles
+from replyx_ops.bench.profiles import Workload, add_arguments, workload_from
 from replyx_ops.bench.servers import (
-    ROOT,
     BenchDatabase,
     Server,
     Tenant,
@@ -54,107 +52,7 @@ from replyx_ops.bench.servers import (
     start_peer,
 )
 
-RESULTS = ROOT / "bench" / "results"
-
-
-@dataclass(frozen=True)
-class Workload:
-    dialogs: int = 1500
-    rate: float = 200.0
-    duration: float = 60.0
-    warmup: float = 5.0
-    busy_sockets: int = 1000
-    burst: int = 100
-    burst_per_dialog: int = 20
-    idle_sockets: int = 10_000
-    commit_clients: int = 8
-    commit_seconds: float = 10.0
-    load_workers: int = 2
-    peer: bool = True
-
-
-PROFILES = {
-    "full": Workload(),
-    "quick": Workload(dialogs=1000, duration=20.0, warmup=3.0, burst=50, burst_per_dialog=10,
-                      commit_seconds=5.0),
-    "tiny": Workload(dialogs=20, rate=20.0, duration=2.0, warmup=0.5, busy_sockets=20, burst=5,
-                     burst_per_dialog=2, idle_sockets=100, commit_clients=2, commit_seconds=1.0),
-}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_const", dest="profile", const="quick",
-                      help="a smaller run that finishes in under 5 minutes")
-    size.add_argument("--tiny", action="store_const", dest="profile", const="tiny",
-                      help="a seconds-long smoke run (the test suite's)")
-    parser.set_defaults(profile="full")
-    parser.add_argument("--json", action="store_true",
-                        help="print the results as one JSON object on the last line of stdout")
-    parser.add_argument("--output", type=Path, default=RESULTS,
-                        help=f"where <date>.json and <date>.png go (default {RESULTS})")
-    parser.add_argument("--no-peer", action="store_true", help="skip the Starlette peer")
-    parser.add_argument("--keep-database", action="store_true",
-                        help="leave the replyx_bench_<hex> database in place afterwards")
-    parser.add_argument("--profile-gateway", type=Path, metavar="DIR", default=None,
-                        help="record the servers with py-spy during fan-out"
-                        " (collapsed stacks, for speedscope or flamegraph.pl)")
-    for name, kind in (
-        ("dialogs", int), ("rate", float), ("duration", float), ("busy-sockets", int),
-        ("burst", int), ("burst-per-dialog", int), ("idle-sockets", int),
-        ("commit-clients", int), ("load-workers", int),
-    ):
-        parser.add_argument(f"--{name}", type=kind, default=None,
-                            help=f"override the profile's {name.replace('-', ' ')}")
-
-
-def workload_from(args: argparse.Namespace) -> Workload:
-    work = PROFILES[args.profile]
-    overrides = {
-        field: getattr(args, field)
-        for field in ("dialogs", "rate", "duration", "busy_sockets", "burst",
-                      "burst_per_dialog", "idle_sockets", "commit_clients", "load_workers")
-        if getattr(args, field, None) is not None
-    }
-    if args.no_peer:
-        overrides["peer"] = False
-    return replace(work, **overrides)
-
-
-# -- helpers --------------------------------------------------------------------------------
-
-
-class Progress:
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-
-    def __call__(self, message: str) -> None:
-        print(f"[bench {time.monotonic() - self.started:6.1f}s] {message}",
-              file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get_json(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310
-        data: dict[str, Any] = json.loads(response.read())
-        return data
-
-
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p90": None, "p99": None, "max": None}
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
-
-    return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": round(ordered[-1], 2)}
-
+__all__ = ["add_arguments", "main"]
 
 # -- the run ------------------------------------------------------------------------------------
 
@@ -260,7 +158,7 @@ class Bench:
         if work.peer:
             peer = self.peer_phases(tenant, dialogs, busy, log_dir)
 
-        result = self.summarise(ours, naive_fan, peer)
+        result = report.summarise(ours, naive_fan, peer)
         result["machine"] = machine_info(self.db.version(), load_before, os.getloadavg())
         result["workload"] = asdict(work)
         return result
@@ -489,58 +387,6 @@ class Bench:
         return result
 
     # -- the numbers ------------------------------------------------------------------------
-
-    def summarise(self, ours: dict[str, Any], naive_fan: dict[str, Any],
-                  peer: dict[str, Any] | None) -> dict[str, Any]:
-        lat, fan = ours["latency"], ours["fanout"]
-        result: dict[str, Any] = {
-            "date": time.strftime("%Y-%m-%d"),
-            "latency_ms": lat["latency_ms"],
-            "sockets": lat["sockets"],
-            "rate_msgs_per_s": lat["rate_msgs_per_s"],
-            "lost": lat["lost"] + fan["lost"] + ours["routing"]["lost"] + naive_fan["lost"],
-            "fanout_frames_per_s": fan["frames_per_s"],
-            "naive_fanout_frames_per_s": naive_fan["frames_per_s"],
-            "notify_route_per_s": fan["many_dialogs"]["notifications_per_s"],
-            "pg_commit_per_s": ours["routing"]["pg_commit_per_s"],
-            "rss_kb_per_socket": ours["memory"]["rss_kb_per_socket"],
-            "idle_sockets": ours["memory"]["sockets"],
-            "peer": None,
-            "detail": {"replyx": ours, "naive": naive_fan},
-        }
-        if peer is not None:
-            result["peer"] = {
-                "latency_ms": peer["latency"]["latency_ms"],
-                "sockets": peer["latency"]["sockets"],
-                "rate_msgs_per_s": peer["latency"]["rate_msgs_per_s"],
-                "lost": peer["latency"]["lost"] + peer["fanout"]["lost"],
-                "fanout_frames_per_s": peer["fanout"]["frames_per_s"],
-                "notify_route_per_s": peer["fanout"]["many_dialogs"]["notifications_per_s"],
-                "rss_kb_per_socket": peer["memory"]["rss_kb_per_socket"],
-                "idle_sockets": peer["memory"]["sockets"],
-            }
-            result["detail"]["peer"] = peer
-        result["targets"] = report.targets(result)
-        return result
-
-
-def machine_info(pg_version: str, load_before: tuple[float, ...],
-                 load_after: tuple[float, ...]) -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": model or platform.processor(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "postgres": pg_version,
-        "kernel": platform.release(),
-        "load_before": [round(x, 2) for x in load_before],
-        "load_after": [round(x, 2) for x in load_after],
-    }
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:

@@ -1,83 +1,44 @@
-"""The handshake all three dialog sockets share: authorise, join the router, log, close.
+"""The WebSocket transport of a session: the handshake, client frames, the close handshake.
 
 Authorisation runs after the handshake (``check_origin`` lets everything
-through) so a refusal can carry the contract's close code: 4001 bad token,
-4003 origin, 4004 dialog not found or not yours, 4400 bad ``since``, 1013 the
-database did not answer within ``join_timeout``.
+through) so a refusal can carry the contract's close code; what happens from
+there is the session's (:mod:`ws_gateway.handlers.session`), shared with the
+SSE streams. Bytes on the wire are :mod:`ws_gateway.transport`'s business;
+holding frames during a routing batch is the consumer's
+(:class:`~ws_gateway.consumer.WriteBatch`).
 
-Invariant: a socket is registered in the router before its one handshake query
-(see ``Router.register``), written to only once authorised, and taken out of
-the router on any refusal or close. Bytes on the wire are
-:mod:`ws_gateway.transport`'s business; holding frames during a routing batch
-is the consumer's (:class:`~ws_gateway.consumer.WriteBatch`).
+Invariant: every inbound frame is charged to the socket's rate limit before it
+is handled, and a socket is written to only through its transport.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from typing import Any, ClassVar
+from typing import Any
 
 import orjson
 import tornado.websocket
-from tornado.ioloop import IOLoop
 
 from replyx.addresses import client_address
-from replyx.logs import RedactedRequestLogging
-from replyx.protocol import CloseCode, FrameType, SocketKind, non_negative_int, positive_id
+from replyx.protocol import CloseCode, FrameType
 from ws_gateway.frames import PONG_FRAME
-from ws_gateway.parts import Parts
-from ws_gateway.presence import PresenceSlot
-from ws_gateway.store import Opening
-from ws_gateway.transport import FrameLimitedProtocol, Transport
+from ws_gateway.handlers.session import Refused, Session, parse_dialog_id
+from ws_gateway.transport import FrameLimitedProtocol
+
+__all__ = ["DialogSocket", "Refused", "parse_dialog_id"]
 
 log = logging.getLogger("ws_gateway.sockets")
 
 
-class Refused(Exception):
-    """Refuse a connection with a close code; ``detail`` goes to the log only."""
+class DialogSocket(Session, tornado.websocket.WebSocketHandler):
+    """A session over a WebSocket. Kinds combine this with their :class:`Session` subclass."""
 
-    def __init__(self, code: int, reason: str, detail: str = "") -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-        self.detail = detail
-
-
-def parse_dialog_id(raw: str) -> int:
-    dialog_id = positive_id(raw)
-    if dialog_id is None:
-        raise Refused(CloseCode.NOT_FOUND, "dialog not found")
-    return dialog_id
-
-
-class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
-    """One client socket on one dialog. Subclasses implement :meth:`authorize`."""
-
-    kind: ClassVar[SocketKind]
-
-    def initialize(self, parts: Parts) -> None:
-        self.parts = parts
-        self._batch = parts.batch
-        self.dialog_id = 0
-        self.sent_seq = 0
-        self.buffer: list[tuple[int, int, bytes]] | None = None
-        # The write path; made in open(), once the connection has its stream.
-        self.transport: Transport | None = None
-        self._joined = False
-        self._closing = False
-        self._server_close_code: int | None = None
-        self._expiry: object | None = None
-        self._opened_at = time.monotonic()
-        self.assistant_id = 0  # the dialog's assistant, known once authorised
-        self.presence = PresenceSlot()
-        self._watching = False
+    transport_name = "ws"
 
     # -- handshake -----------------------------------------------------------
 
     def check_origin(self, origin: str) -> bool:
-        # Origins are checked in open(), after the handshake, so the client gets a close code.
+        # Origins are checked in start(), after the handshake, so the client gets a close code.
         return True
 
     def get_compression_options(self) -> dict[str, Any] | None:
@@ -88,146 +49,31 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         protocol = super().get_websocket_protocol()
         if not isinstance(protocol, tornado.websocket.WebSocketProtocol13):
             return protocol
-        return FrameLimitedProtocol(self, protocol.params, self.allow_frame)
+        settings = self.parts.settings
+        return FrameLimitedProtocol(
+            self, protocol.params, self.allow_frame,
+            fragment_timeout=settings.fragment_timeout, pong_deadline=settings.slow_close_grace,
+            on_stalled=self._stalled,
+        )
 
-    async def authorize(self, dialog_id: int, since: int | None) -> Opening:
-        """Raise :class:`Refused` unless this request may read ``dialog_id``.
+    def _stalled(self, detail: str) -> None:
+        """The client reads nothing we write (no echo of our ping): the slow-client policy."""
+        if self.transport is not None:
+            self.transport.too_slow(detail)
+        else:
+            self._close(CloseCode.TOO_SLOW, "client too slow, resume with since")
 
-        One query (one round trip) authorises the socket and returns its opening:
-        the dialog's last seq and the first replay page after ``since``.
-        """
-        raise NotImplementedError
-
-    async def open(self, raw_id: str) -> None:
-        parts = self.parts
+    async def open(self, raw_id: str = "") -> None:
         assert self.ws_connection is not None and self.ws_connection.stream is not None
-        settings = parts.settings
-        self.transport = transport = Transport(
-            self, self.ws_connection.stream, parts.stats,
-            buffer_limit=settings.socket_buffer_limit, slow_grace=settings.slow_close_grace,
-        )
-        parts.sockets.add(self)
-        if parts.stopping.is_set():
-            self._close(CloseCode.RESTARTING, "gateway restarting, resume with since")
-            return
-        if not parts.limiter.acquire(self):
-            log.warning(
-                "%s refused: too many sockets from %s", self.kind.tag, client_address(self.request)
-            )
-            parts.stats.refused[str(CloseCode.POLICY)] += 1
-            self._close(CloseCode.POLICY, "too many connections from this address")
-            return
-        router = parts.router
-        since: int | None = None
-        try:
-            # Tornado reads no client frame (pongs included) until open() returns: bound the
-            # wait for the database well inside its ping timeout.
-            async with asyncio.timeout(settings.join_timeout):
-                self.dialog_id = parse_dialog_id(raw_id)
-                since = self._since()
-                # Register, then query: whatever commits after the query's snapshot is
-                # routed into this socket's buffer (see Router.register).
-                mark = router.register(self)
-                opening = await self.authorize(self.dialog_id, since)
-                self.assistant_id = opening.assistant_id
-                if since is not None and since > opening.last_seq:
-                    # Seqs only ever grow: this client's state is from another database.
-                    raise Refused(CloseCode.BAD_REQUEST, "since is ahead of the dialog")
-                if self._gone():
-                    return  # on_close took it out of the router
-                transport.limit()
-                self._joined = True
-                start = opening.last_seq if since is None else since
-                await router.join(self, mark, start, opening.page)
-        except Refused as refusal:
-            router.remove(self)
-            self._refuse(refusal)
-            return
-        except Exception as exc:
-            router.remove(self)
-            if not (isinstance(exc, TimeoutError) or parts.store.is_unavailable(exc)):
-                raise
-            self._refuse(Refused(CloseCode.TRY_AGAIN, "database unavailable, try again"))
-            return
-        if self._gone():
-            # The client left while we were replaying.
-            router.remove(self)
-            return
-        log.info(
-            "%s connected dialog_id=%d since=%s last_seq=%d peer=%s",
-            self.kind.tag, self.dialog_id, "-" if since is None else since, self.sent_seq,
-            self.request.remote_ip,
-        )
-        # Presence right after ready, then whenever it changes.
-        self._watching = True
-        parts.presence.watch(self)
+        self.make_transport(self.ws_connection.stream)
+        await self.start(raw_id)
 
-    def _gone(self) -> bool:
-        """The client left, or we closed, while open() awaited (a method: it changes then)."""
-        return not self.is_open
-
-    def _since(self) -> int | None:
-        raw = self.get_query_argument("since", None)
-        if raw is None or raw == "":
-            return None
-        since = non_negative_int(raw)
-        if since is None:
-            raise Refused(CloseCode.BAD_REQUEST, "since must be a non-negative integer")
-        return since
-
-    def _refuse(self, refusal: Refused) -> None:
-        self.parts.stats.refused[str(refusal.code)] += 1
-        marker = " WEBSOCKET_4003_ERROR" if refusal.code == CloseCode.FORBIDDEN_ORIGIN else ""
-        log.warning(
-            "%s%s refused dialog_id=%s code=%d reason=%s%s peer=%s",
-            self.kind.tag, marker, self.dialog_id or "-", refusal.code, refusal.reason,
-            f" {refusal.detail}" if refusal.detail else "", self.request.remote_ip,
-        )
-        self._close(refusal.code, refusal.reason)
-
-    def expire_at(self, unix_time: float) -> None:
-        """Close with 4001 when the credential expires (operator JWTs)."""
-        if not self.is_open:
-            return  # the client left during authorisation: no timer to hold it
-        delay = max(0.0, unix_time - time.time())
-        self._expiry = IOLoop.current().call_later(delay, self._expired)
-
-    def _expired(self) -> None:
-        if self.is_open:
-            log.info("%s token expired dialog_id=%d", self.kind.tag, self.dialog_id)
-            self._close(CloseCode.UNAUTHORIZED, "token expired")
-
-    # -- the router's side -----------------------------------------------------
+    # -- the connection --------------------------------------------------------------
 
     @property
     def is_open(self) -> bool:
         conn = self.ws_connection
         return not self._closing and conn is not None and not conn.is_closing()
-
-    @property
-    def is_finished(self) -> bool:
-        """The connection is gone (Tornado forgets ``ws_connection`` as soon as it closes)."""
-        return self.transport is None or self.transport.finished
-
-    def write_frame(self, frame: bytes) -> bool:
-        """Write one pre-built frame, through the consumer's batch (which may hold it)."""
-        transport = self.transport
-        if transport is None:
-            return False
-        return self._batch.write(transport, frame)
-
-    async def drained(self) -> None:
-        transport = self.transport
-        if transport is None or transport.closing:
-            return
-        self._batch.flush_one(transport)
-        await transport.drained()
-
-    def _close(self, code: int, reason: str) -> None:
-        if self._closing:
-            return
-        self._server_close_code = code
-        self.close(code, reason)
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         self._closing = True
@@ -237,6 +83,9 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             self.transport.close()
         super().close(code, reason)
 
+    def client_close_code(self) -> int | None:
+        return self.close_code
+
     # -- client frames ------------------------------------------------------------
 
     def allow_frame(self) -> bool:
@@ -244,10 +93,12 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
         if self._closing or self.parts.limiter.allow_frame(self):
             # Frames still in flight while a close handshake runs are not charged.
             return True
-        log.warning(
-            "%s rate limit: closing %d dialog_id=%d peer=%s",
-            self.kind.tag, CloseCode.POLICY, self.dialog_id, client_address(self.request),
-        )
+        self.parts.stats.refused[str(CloseCode.POLICY)] += 1
+        if self.parts.limiter.may_log(self):
+            log.warning(
+                "%s rate limit: closing %d dialog_id=%d peer=%s",
+                self.kind.tag, CloseCode.POLICY, self.dialog_id, client_address(self.request),
+            )
         self._close(CloseCode.POLICY, "rate limit exceeded")
         return False
 
@@ -260,23 +111,4 @@ class DialogSocket(RedactedRequestLogging, tornado.websocket.WebSocketHandler):
             self.write_frame(PONG_FRAME)
 
     def on_close(self) -> None:
-        if self._watching:
-            self._watching = False
-            self.parts.presence.unwatch(self)
-        if self._expiry is not None:
-            IOLoop.current().remove_timeout(self._expiry)
-            self._expiry = None
-        self._closing = True
-        if self.transport is not None:
-            self.transport.close()
-        parts = self.parts
-        parts.sockets.discard(self)
-        parts.router.remove(self)
-        parts.limiter.release(self)
-        if self._joined:
-            code = self._server_close_code or self.close_code
-            log.info(
-                "%s disconnected dialog_id=%d code=%s sent_seq=%d after %.1fs",
-                self.kind.tag, self.dialog_id, code if code is not None else "-", self.sent_seq,
-                time.monotonic() - self._opened_at,
-            )
+        self.ended()

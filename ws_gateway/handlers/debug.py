@@ -15,6 +15,7 @@ from replyx.gateways import gateway_name
 from replyx.protocol import DIALOG_SOCKET_KINDS, SocketKind, positive_id
 from replyx.web import ApiError
 from ws_gateway.handlers.http import GatewayHandler
+from ws_gateway.metrics import TRANSPORTS
 from ws_gateway.parts import Parts
 
 KINDS = DIALOG_SOCKET_KINDS
@@ -47,12 +48,16 @@ class StatusHandler(GatewayHandler):
             dialog_ids = [d for d in dialog_ids if d in allowed]
         workspace = self.parts.workspace
         # An operator sees their own inboxes only, as they see only their own dialogs.
-        inboxes = (workspace.count() if user_id is None
-                   else len(workspace.inboxes_of.get(user_id, ())))
+        inbox_subs = [sub for uid, subs in workspace.inboxes_of.items()
+                      if user_id is None or uid == user_id for sub in subs]
+        inboxes = len(inbox_subs)
         totals: Counter[str] = Counter()
+        transports: Counter[str] = Counter()
         dialogs: dict[int, dict[str, int]] = {}
         for dialog_id in dialog_ids:
-            kinds = Counter(sub.kind for sub in router.sockets_of(dialog_id))
+            subs = router.sockets_of(dialog_id)
+            kinds = Counter(sub.kind for sub in subs)
+            transports.update(getattr(sub, "transport_name", "ws") for sub in subs)
             totals.update(kinds)
             if len(dialogs) < MAX_DIALOGS_LISTED:
                 dialogs[dialog_id] = {kind: kinds.get(kind, 0) for kind in KINDS}
@@ -62,6 +67,12 @@ class StatusHandler(GatewayHandler):
                 "connections": {
                     "total": sum(totals.values()) + inboxes,
                     **{k: totals[k] for k in KINDS}, SocketKind.INBOX: inboxes,
+                },
+                # Dialog sessions and inboxes by transport: WebSocket or server-sent events.
+                "transports": {
+                    t: transports[t] + sum(
+                        1 for s in inbox_subs if getattr(s, "transport_name", "ws") == t)
+                    for t in TRANSPORTS
                 },
                 "dialogs": dialogs,
                 "dialogs_total": len(dialog_ids),
@@ -80,7 +91,9 @@ class SyncHandler(GatewayHandler):
         store = self.parts.store
         if user_id is not None and not await store.operator_dialog_ids(user_id, [dialog_id]):
             raise ApiError(404, "dialog not found")
-        db_last_seq = await store.last_seq(dialog_id)
+        db_last_seq = await store.existing_last_seq(dialog_id)
+        if db_last_seq is None:
+            raise ApiError(404, "dialog not found")
         subs = list(self.parts.router.sockets_of(dialog_id))
         kinds = Counter(sub.kind for sub in subs)
         delivered = [sub.sent_seq for sub in subs]

@@ -1,7 +1,8 @@
-"""``/ws/inbox?token=JWT``: an operator's workspace, live (see :mod:`ws_gateway.workspace`).
+"""``/ws/inbox?token=JWT`` and ``/sse/inbox?token=JWT``: an operator's workspace, live.
 
-The same transport, limits and close codes as a dialog socket; no dialog and no
-``since``: every (re)connect starts from a fresh snapshot.
+The same transports, limits and close codes as a dialog session (see
+:mod:`ws_gateway.workspace`); no dialog and no ``since``: every (re)connect
+starts from a fresh snapshot.
 """
 
 from __future__ import annotations
@@ -11,39 +12,28 @@ import logging
 import time
 
 from replyx import security
-from replyx.addresses import client_address
 from replyx.protocol import CloseCode, SocketKind
 from replyx.web import bearer
 from ws_gateway.events import DialogEvent
-from ws_gateway.handlers.base import DialogSocket, Refused
-from ws_gateway.transport import Transport
+from ws_gateway.handlers.base import DialogSocket
+from ws_gateway.handlers.session import Refused, Session
+from ws_gateway.handlers.stream import DialogStream
 
 log = logging.getLogger("ws_gateway.sockets")
 
 
-class InboxSocket(DialogSocket):
+class Inbox(Session):
     kind = SocketKind.INBOX
 
-    async def open(self) -> None:  # type: ignore[override]
+    async def _handshake(self, raw_id: str = "") -> None:
         parts = self.parts
-        assert self.ws_connection is not None and self.ws_connection.stream is not None
         settings = parts.settings
-        self.transport = transport = Transport(
-            self, self.ws_connection.stream, parts.stats,
-            buffer_limit=settings.socket_buffer_limit, slow_grace=settings.slow_close_grace,
-        )
+        transport = self.transport
+        assert transport is not None
         self.user_id = 0
         self.assistants: frozenset[int] = frozenset()
         self.inbox_buffer: list[tuple[int, DialogEvent]] | None = None
-        parts.sockets.add(self)
-        if parts.stopping.is_set():
-            self._close(CloseCode.RESTARTING, "gateway restarting, reconnect")
-            return
-        if not parts.limiter.acquire(self):
-            log.warning("%s refused: too many sockets from %s", self.kind.tag,
-                        client_address(self.request))
-            parts.stats.refused[str(CloseCode.POLICY)] += 1
-            self._close(CloseCode.POLICY, "too many connections from this address")
+        if not self.admitted("gateway restarting, reconnect"):
             return
         token = self.get_query_argument("token", None) or bearer(self.request.headers)
         try:
@@ -66,15 +56,27 @@ class InboxSocket(DialogSocket):
             self._refuse(Refused(CloseCode.TRY_AGAIN, "database unavailable, try again"))
             return
         if self.is_open:
-            log.info("%s connected user_id=%d assistants=%d peer=%s", self.kind.tag,
-                     self.user_id, len(self.assistants), self.request.remote_ip)
+            log.info("%s connected user_id=%d assistants=%d peer=%s transport=%s",
+                     self.kind.tag, self.user_id, len(self.assistants),
+                     self.request.remote_ip, self.transport_name)
 
-    def on_close(self) -> None:
-        self.parts.workspace.remove(self)
-        if self._joined:
-            self._joined = False  # the base class logs dialog sockets; this one logs itself
-            code = self._server_close_code or self.close_code
-            log.info("%s disconnected user_id=%d code=%s after %.1fs", self.kind.tag,
-                     self.user_id, code if code is not None else "-",
-                     time.monotonic() - self._opened_at)
-        super().on_close()
+    def ended(self) -> None:
+        try:
+            if hasattr(self, "assistants"):
+                self.parts.workspace.remove(self)
+        finally:
+            super().ended()  # the slot and the socket set, whatever happened above
+
+    def log_disconnected(self) -> None:
+        code = self._server_close_code or self.client_close_code()
+        log.info("%s disconnected user_id=%d code=%s after %.1fs transport=%s", self.kind.tag,
+                 self.user_id, code if code is not None else "-",
+                 time.monotonic() - self._opened_at, self.transport_name)
+
+
+class InboxSocket(Inbox, DialogSocket):
+    pass
+
+
+class InboxStream(Inbox, DialogStream):
+    pass
