@@ -25,6 +25,9 @@ from tests.net import get_json, get_text
 
 log = logging.getLogger(__name__)
 KINDS = ("admin", "widget", "site")
+#: Every socket comes through nginx from 127.0.0.1: one client address, whose handshake
+#: limit (REPLYX_HANDSHAKE_RATE / _BURST) would refuse a whole gateway's sockets resuming.
+ONE_ADDRESS = {"REPLYX_HANDSHAKE_RATE": "1000", "REPLYX_HANDSHAKE_BURST": "1000"}
 
 Placement = dict[tuple[int, str], str]
 
@@ -97,7 +100,7 @@ def down(client: DialogClient) -> bool:
 async def test_three_gateways_share_sockets_and_a_killed_one_costs_only_its_own(
     make_stack: Callable[..., Stack], tenant: Tenant, database_url: str
 ) -> None:
-    stack = make_stack("--no-demo", REPLYX_GATEWAYS="3")
+    stack = make_stack("--no-demo", REPLYX_GATEWAYS="3", **ONE_ADDRESS)
     assert "gateway-3" in stack.run_output()
     # replyx check: one line per gateway, all pass.
     result = await asyncio.get_running_loop().run_in_executor(
@@ -155,10 +158,10 @@ async def test_three_gateways_share_sockets_and_a_killed_one_costs_only_its_own(
 async def test_rolling_restart_of_two_gateways_moves_at_most_half_and_loses_nothing(
     make_stack: Callable[..., Stack], tenant: Tenant, database_url: str
 ) -> None:
-    stack = make_stack("--no-demo", REPLYX_GATEWAYS="2")
-    # Clients that wait out a gateway's restart (~2 s) before their first retry after 1012
+    stack = make_stack("--no-demo", REPLYX_GATEWAYS="2", **ONE_ADDRESS)
+    # Clients that wait out a gateway's restart (~7 s) before their first retry after 1012
     # come back to it (least_conn) instead of piling onto the other one.
-    sockets, clients = await open_dialogs(stack, tenant, 40, backoff_initial=3.0)
+    sockets, clients = await open_dialogs(stack, tenant, 40, backoff_initial=9.0)
     _, totals = await placement(stack, 2)
     assert totals == {"gateway-1": 60, "gateway-2": 60}, totals
     dialog_ids = sorted({d for d, _ in clients})
