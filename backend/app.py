@@ -59,7 +59,8 @@ def make_app(
     log.info("backend worker ready, database %s", redact_url(url))
     metrics.worker_started()
     return build_application(
-        settings, Database(url), settings.jwt_secret(), metrics_dir=settings.backend_metrics_dir
+        settings, Database(url, pooler=settings.listen_database_url is not None),
+        settings.jwt_secret(), metrics_dir=settings.backend_metrics_dir
     )
 
 

@@ -11,7 +11,12 @@ from replyx.protocol import BACKEND_APPLICATION
 class Database:
     """Engine and session factory. Built in each gunicorn worker, after the fork."""
 
-    def __init__(self, url: str, *, pool_size: int = 5, max_overflow: int = 10) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 5, max_overflow: int = 10, pooler: bool = False
+    ) -> None:
+        """:param pooler: ``url`` is a transaction pooler (pgbouncer): no prepared statements,
+            which would be looked for on whatever server connection the next transaction gets.
+        """
         self.engine = create_async_engine(
             sqlalchemy_url(url),
             pool_size=pool_size,
@@ -27,6 +32,7 @@ class Database:
                 "connect_timeout": 5,
                 "options": "-c statement_timeout=10000 -c lock_timeout=5000",
                 "application_name": BACKEND_APPLICATION,
+                **({"prepare_threshold": None} if pooler else {}),
             },
         )
         self.session: async_sessionmaker[AsyncSession] = async_sessionmaker(

@@ -74,9 +74,16 @@ class RedactQueries(logging.Filter):
         return True
 
 
-def setup_logging(level: str = "INFO") -> None:
+def setup_logging(level: str = "INFO", *, name: str | None = None) -> None:
+    """Log to stderr, one line per record, queries and secrets redacted.
+
+    :param name: shown before the pid (``[gateway-2 27617]``), so that lines of several
+        gateways stay apart once collected in one place.
+    """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    tag = None if name is None else name.replace("%", "%%")
+    fmt = FORMAT if tag is None else FORMAT.replace("[%(process)d]", f"[{tag} %(process)d]")
+    handler.setFormatter(logging.Formatter(fmt))
     handler.addFilter(RedactQueries())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -169,7 +169,22 @@ class Settings:
         section=_PLACES, example="./var")
     backend_port: int = setting("BACKEND_PORT", 8000, _port, "The backend (gunicorn).",
                                 section=_PLACES)
-    gateway_port: int = setting("GATEWAY_PORT", 8001, _port, "The gateway.", section=_PLACES)
+    gateway_port: int = setting(
+        "GATEWAY_PORT", 8001, _port,
+        "The gateway; with REPLYX_GATEWAYS=N, gateways 1..N listen on GATEWAY_PORT..+N-1.",
+        section=_PLACES)
+    gateways: int = setting(
+        "REPLYX_GATEWAYS", 1, _count,
+        "Gateway processes `replyx run` starts (each with its own LISTEN connection, behind"
+        " nginx's upstream): named gateway-1..N when over 1, else gateway.", section=_PLACES)
+    gateway_instance: int = setting("REPLYX_GATEWAY_INSTANCE", 1, _count, "Which of the"
+                                    " REPLYX_GATEWAYS this process is (supervisord sets it).",
+                                    section=_PLACES)
+    gateway_name_env: str | None = setting(
+        "REPLYX_GATEWAY_NAME", None, _text,
+        "The gateway's name in its log lines, metrics (replyx_gateway_info) and debug status."
+        " Unset: gateway, or gateway-<instance> when REPLYX_GATEWAYS is over 1.",
+        section=_PLACES, example="gateway-b")
     nginx_port: int = setting("NGINX_PORT", 8080, _port, "nginx, when it is installed.",
                               section=_PLACES)
     host: str = setting("REPLYX_HOST", "127.0.0.1", _text, "The interface all three listen on.",
@@ -304,6 +319,10 @@ class Settings:
     def __post_init__(self) -> None:
         # A relative data dir means "under the directory the process started in".
         object.__setattr__(self, "data_dir", self.data_dir.expanduser().absolute())
+        if self.gateway_instance > self.gateways or self.gateway_port + self.gateways > 65536:
+            raise ConfigError(f"REPLYX_GATEWAY_INSTANCE={self.gateway_instance}, REPLYX_GATEWAYS="
+                              f"{self.gateways}, GATEWAY_PORT={self.gateway_port}: instance"
+                              " over the count, or ports past 65535")
         if self.jwt_ttl_seconds > self.jwt_max_lifetime:
             raise ConfigError(
                 f"REPLYX_JWT_TTL={self.jwt_ttl_seconds} is longer than"

@@ -20,7 +20,7 @@ from replyx.origins import normalize_origin
 from replyx.pg import EmbeddedPostgres, EmbeddedPostgresError, libpq_url, psql_binary
 from replyx.schema import SchemaMismatchError
 from replyx.settings import ConfigError, Settings
-from replyx_ops import chaos, check, stack, state
+from replyx_ops import chaos, check, rolling, stack, state
 from replyx_ops.bench import hostile as bench_hostile
 from replyx_ops.bench import run as bench_run
 from replyx_ops.bench import workspace as bench_workspace
@@ -198,6 +198,9 @@ def cmd_ctl(settings: Settings, args: argparse.Namespace) -> int:
                   else " or ".join(str(d) for d in state.candidates(settings)))
         raise CommandError(f"no stack is running (looked in {looked}): start one with"
                            " `replyx run`, or point REPLYX_DATA_DIR at its data dir")
+    if args.ctl_args in rolling.RESTART_ARGS:
+        # One at a time: at most one gateway's sockets reconnect at once.
+        return rolling.rolling_restart(settings, lambda a: stack.supervisorctl(settings, a))
     return stack.supervisorctl(settings, args.ctl_args)
 
 

@@ -24,6 +24,7 @@ from tornado.httpserver import HTTPServer
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from replyx import logs
+from replyx.gateways import gateway_ports
 from replyx.settings import Settings
 from replyx.web import ApiError, JsonHandler
 
@@ -134,8 +135,8 @@ class SocketProxy(tornado.websocket.WebSocketHandler):
     with the same status, as nginx does.
     """
 
-    def initialize(self, upstream: str) -> None:
-        self.upstream_url = upstream
+    def initialize(self, upstreams: Upstreams) -> None:
+        self.upstreams = upstreams
         self.upstream: WebSocketClientConnection | None = None
         self._pump: asyncio.Task[None] | None = None
 
@@ -143,22 +144,26 @@ class SocketProxy(tornado.websocket.WebSocketHandler):
         return True  # the gateway checks it: Origin is passed on
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
-        request = HTTPRequest(
-            self.upstream_url + self.request.uri, headers=forwarded_headers(self),
-            connect_timeout=5, request_timeout=30,
-        )
-        try:
-            self.upstream = await websocket_connect(request, ping_interval=None,
-                                                    max_message_size=64 * 1024 * 1024)
-        except HTTPClientError as exc:
-            self.set_status(exc.code)
-            self.finish()
+        # Every gateway in turn from the next one, as nginx's upstream with its next
+        # upstream on a refused connection: a gateway that is down is skipped.
+        for base in self.upstreams.order():
+            request = HTTPRequest(
+                base + self.request.uri, headers=forwarded_headers(self),
+                connect_timeout=5, request_timeout=30,
+            )
+            try:
+                self.upstream = await websocket_connect(request, ping_interval=None,
+                                                        max_message_size=64 * 1024 * 1024)
+            except HTTPClientError as exc:
+                self.set_status(exc.code)
+                self.finish()
+                return
+            except OSError:
+                continue
+            await super().get(*args, **kwargs)
             return
-        except OSError:
-            self.set_status(502)
-            self.finish()
-            return
-        await super().get(*args, **kwargs)
+        self.set_status(502)
+        self.finish()
 
     def open(self, *args: str, **kwargs: str) -> None:
         self._pump = asyncio.ensure_future(self._from_gateway())
@@ -186,6 +191,19 @@ class SocketProxy(tornado.websocket.WebSocketHandler):
             self.upstream.close(code, self.close_reason or "")
 
 
+class Upstreams:
+    """The gateways behind ``/ws/``, taken round robin."""
+
+    def __init__(self, bases: list[str]) -> None:
+        self.bases = bases
+        self._next = 0
+
+    def order(self) -> list[str]:
+        start = self._next
+        self._next = (start + 1) % len(self.bases)
+        return self.bases[start:] + self.bases[:start]
+
+
 class NotFound(JsonHandler):
     def prepare(self) -> None:
         raise ApiError(404, "not found")
@@ -195,11 +213,13 @@ def make_app(settings: Settings) -> tornado.web.Application:
     host = "127.0.0.1" if settings.host in ("", "0.0.0.0", "::") else settings.host  # noqa: S104
     backend = f"http://{host}:{settings.backend_port}"
     gateway = f"http://{host}:{settings.gateway_port}"
+    sockets = Upstreams([f"ws://{host}:{port}" for port in gateway_ports(settings)])
     return tornado.web.Application(
         [
             (r"/api/.*", HttpProxy, {"upstream": backend}),
             (r"/health", HttpProxy, {"upstream": backend}),
-            (r"/ws/.*", SocketProxy, {"upstream": gateway.replace("http://", "ws://", 1)}),
+            (r"/ws/.*", SocketProxy, {"upstreams": sockets}),
+            # Streams stay on the first gateway in the stand-in (nginx spreads them too).
             (r"/sse/.*", StreamProxy, {"upstream": gateway}),
             (r"/demo(?:/.*)?", HttpProxy, {"upstream": gateway}),
         ],

@@ -23,6 +23,7 @@ from string import Template
 from typing import Any
 
 from replyx import schema
+from replyx.gateways import gateway_names, gateway_ports
 from replyx.pg import EmbeddedPostgres, redact_url
 from replyx.settings import Settings
 from replyx_ops import demo as demo_mod
@@ -45,6 +46,7 @@ def stack_environ(settings: Settings, database_url: str, *, front: str) -> dict[
             "REPLYX_ROOT": str(ROOT),
             "REPLYX_BIN": str(Path(sys.executable).parent),
             "REPLYX_FRONT": front,
+            "REPLYX_GATEWAY_CONF": "gateway" if settings.gateways == 1 else "gateways",
             "REPLYX_NGINX_BIN": shutil.which("nginx") or "/usr/sbin/nginx",
             "REPLYX_NGINX_CONF": str(settings.data_dir / "nginx" / "nginx.conf"),
             "PYTHONUNBUFFERED": "1",
@@ -53,8 +55,25 @@ def stack_environ(settings: Settings, database_url: str, *, front: str) -> dict[
     return env
 
 
-def render_nginx_conf(settings: Settings) -> Path:
-    """Fill ``conf/nginx.conf``'s ``${…}`` placeholders; nginx's own ``$vars`` stay as they are."""
+def gateway_servers(addresses: list[str]) -> str:
+    """The ``server`` directives of nginx's ``replyx_gateway`` upstream, one per ``host:port``.
+
+    On one line: the header comment of conf/nginx.conf names the placeholder too.
+    """
+    # max_fails=0: a gateway that refuses is skipped for this connection only (next
+    # upstream), never marked down. Marked down, nginx answered "no live upstreams" (502)
+    # for a minute after a rolling restart while clients kept retrying, with both gateways up.
+    return " ".join(f"server {address} max_fails=0;" for address in addresses)
+
+
+def render_nginx_conf(settings: Settings, gateways: list[str] | None = None) -> Path:
+    """Fill ``conf/nginx.conf``'s ``${…}`` placeholders; nginx's own ``$vars`` stay as they are.
+
+    :param gateways: ``host:port`` of every gateway behind ``/ws/``; default: the
+        REPLYX_GATEWAYS of this host on GATEWAY_PORT..+N-1.
+    """
+    if gateways is None:
+        gateways = [f"127.0.0.1:{port}" for port in gateway_ports(settings)]
     target_dir = settings.data_dir / "nginx"
     for sub in ("", "client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (target_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -64,6 +83,7 @@ def render_nginx_conf(settings: Settings) -> Path:
         "NGINX_PORT": str(settings.nginx_port),
         "BACKEND_PORT": str(settings.backend_port),
         "GATEWAY_PORT": str(settings.gateway_port),
+        "GATEWAY_SERVERS": gateway_servers(gateways),
     }
     text = Template((CONF / "nginx.conf").read_text()).safe_substitute(values)
     target = target_dir / "nginx.conf"
@@ -124,7 +144,9 @@ def preflight(settings: Settings, lock: state.RunLock) -> str | None:
         return (f"{exc}.\nStop it first (Ctrl-C in its terminal, or kill -TERM"
                 f" {exc.state.pid if exc.state and exc.state.pid else '<its pid>'}),"
                 " or give this one another REPLYX_DATA_DIR and other ports.")
-    ports = [("BACKEND_PORT", settings.backend_port), ("GATEWAY_PORT", settings.gateway_port),
+    ports = [("BACKEND_PORT", settings.backend_port),
+             *((f"GATEWAY_PORT+{i}" if i else "GATEWAY_PORT", port)
+               for i, port in enumerate(gateway_ports(settings))),
              ("NGINX_PORT", settings.nginx_port)]
     busy = [f"{name}={port}" for name, port in ports if port_in_use(settings.host, port)]
     if busy:
@@ -191,7 +213,8 @@ def run(settings: Settings, *, demo: bool = True, nginx: bool = True) -> int:
         )
         host = settings.host
         backend_ok = wait_for(f"http://{host}:{settings.backend_port}/health", 60, supervisord)
-        gateway_ok = wait_for(f"http://{host}:{settings.gateway_port}/health", 60, supervisord)
+        gateway_ok = all(wait_for(f"http://{host}:{port}/health", 60, supervisord)
+                         for port in gateway_ports(settings))
         front_ok = wait_for(f"http://{host}:{settings.nginx_port}/health", 30, supervisord)
         if stopped():
             pass
@@ -247,16 +270,28 @@ def front_lines(settings: Settings, front: Front) -> list[str]:
     ]
 
 
+def gateway_lines(settings: Settings) -> list[str]:
+    """The banner's gateway lines: one process, or each of REPLYX_GATEWAYS with its port."""
+    host = settings.host
+    if settings.gateways == 1:
+        return [f"  gateway  ws://{host}:{settings.gateway_port}     (one process)"
+                f"           log {settings.log_dir}/gateway.log"]
+    return [
+        f"  {name:<8} ws://{host}:{port}     (1 of {settings.gateways}, behind nginx /ws/)"
+        f"   log {settings.log_dir}/{name}.log"
+        for name, port in zip(gateway_names(settings), gateway_ports(settings), strict=True)
+    ]
+
+
 def print_banner(settings: Settings, url: str, front: Front, demo: bool) -> None:
     host = settings.host
     api = f"http://{host}:{settings.backend_port}"
-    ws = f"ws://{host}:{settings.gateway_port}"
     lines = [
         "",
         "ReplyX realtime is up.",
         f"  backend  {api}   (gunicorn, {settings.backend_workers} workers)"
         f"   log {settings.log_dir}/backend.log",
-        f"  gateway  {ws}     (one process)           log {settings.log_dir}/gateway.log",
+        *gateway_lines(settings),
         *front_lines(settings, front),
         f"  health   curl {api}/health ; curl http://{host}:{settings.gateway_port}/health",
         f"  debug    curl http://{host}:{settings.gateway_port}/api/debug/websocket/status",

@@ -48,6 +48,8 @@ class StackState:
     front: str
     #: ``DATABASE_URL`` of the stack; None for the embedded server under ``data_dir``.
     database_url: str | None
+    #: REPLYX_GATEWAYS: gateway processes on ``gateway_port``..+N-1.
+    gateways: int = 1
 
     @classmethod
     def of(cls, settings: Settings, front: str) -> StackState:
@@ -55,6 +57,7 @@ class StackState:
             pid=os.getpid(), data_dir=str(settings.data_dir), host=settings.host,
             backend_port=settings.backend_port, gateway_port=settings.gateway_port,
             nginx_port=settings.nginx_port, front=front, database_url=settings.database_url,
+            gateways=settings.gateways,
         )
 
     def where(self) -> str:
@@ -62,7 +65,8 @@ class StackState:
         host = self.host
         parts = [f"pid {self.pid}", f"data dir {self.data_dir}",
                  f"backend http://{host}:{self.backend_port}",
-                 f"gateway ws://{host}:{self.gateway_port}"]
+                 f"gateway ws://{host}:{self.gateway_port}"
+                 + (f"..{self.gateway_port + self.gateways - 1}" if self.gateways > 1 else "")]
         if self.front != "none":
             parts.append(f"{self.front} http://{host}:{self.nginx_port}")
         url = self.database_url
@@ -198,7 +202,8 @@ def located(settings: Settings) -> Settings:
         return found
     defaults = Settings()
     changes: dict[str, Any] = {}
-    for name in ("host", "backend_port", "gateway_port", "nginx_port", "database_url"):
+    for name in ("host", "backend_port", "gateway_port", "nginx_port", "database_url",
+                 "gateways"):
         if getattr(settings, name) == getattr(defaults, name):
             changes[name] = getattr(state, name)
     return dataclasses.replace(found, **changes)

@@ -1,4 +1,4 @@
-"""``python -m ws_gateway``: run one gateway on ``GATEWAY_PORT``."""
+"""``python -m ws_gateway``: run one gateway on ``GATEWAY_PORT`` (+ its instance number - 1)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 
 from replyx import logs
+from replyx.gateways import gateway_name
 from replyx.pg import resolve_database_url
 from replyx.schema import SchemaMismatchError
 from replyx.settings import ConfigError, Settings
@@ -21,7 +22,9 @@ def main(router_factory: RouterFactory = Router) -> int:
     except ConfigError as exc:
         print(f"ws_gateway: {exc}", file=sys.stderr)
         return 2
-    logs.setup_logging(settings.log_level or "INFO")
+    # One gateway keeps the plain format; among several, each line names its gateway.
+    name = gateway_name(settings)
+    logs.setup_logging(settings.log_level or "INFO", name=None if name == "gateway" else name)
     try:
         url = resolve_database_url(settings.database_url, settings.data_dir)
         asyncio.run(serve(settings, url, router_factory=router_factory))

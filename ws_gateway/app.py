@@ -25,6 +25,7 @@ from tornado.httpserver import HTTPServer
 
 from replyx import logs, schema
 from replyx.backoff import Backoff
+from replyx.gateways import gateway_name, listen_port
 from replyx.pg import libpq_url
 from replyx.protocol import GATEWAY_APPLICATION, NOTIFY_CHANNEL, CloseCode, SocketKind
 from replyx.settings import Settings
@@ -101,11 +102,12 @@ class Gateway:
         self.server = HTTPServer(
             self.make_app(parts), max_body_size=64 * 1024, idle_connection_timeout=120
         )
-        self.port = self.settings.gateway_port if port is None else port
+        self.port = listen_port(self.settings) if port is None else port
         sockets = tornado.netutil.bind_sockets(self.port, host or self.settings.host)
         self.port = sockets[0].getsockname()[1]
         self.server.add_sockets(sockets)
-        log.info("gateway listening on %s:%d", host or self.settings.host, self.port)
+        log.info("%s listening on %s:%d", gateway_name(self.settings), host or self.settings.host,
+                 self.port)
 
     async def _open_pool(self) -> asyncpg.Pool:
         backoff = Backoff(initial=0.5, maximum=10.0)
@@ -118,6 +120,10 @@ class Gateway:
                     command_timeout=10,
                     timeout=5,
                     server_settings={"application_name": GATEWAY_APPLICATION},
+                    # A separate LISTEN URL means DATABASE_URL is a transaction pooler
+                    # (pgbouncer), where a named prepared statement may land on another
+                    # server connection: asyncpg then uses unnamed ones only.
+                    statement_cache_size=0 if self.settings.listen_database_url else 100,
                 )
             except Exception as exc:
                 if not GatewayStore.is_unavailable(exc):
@@ -165,6 +171,7 @@ class Gateway:
         registry.register(
             MetricsCollector(
                 stats,
+                gateway=gateway_name(settings),
                 sockets_by_kind=lambda: router.count_by_kind() | {
                     SocketKind.INBOX.value: workspace.count()},
                 listener_up=lambda: listener.is_up,

@@ -86,6 +86,7 @@ class MetricsCollector(Collector):
         self,
         stats: Stats,
         *,
+        gateway: str = "gateway",
         sockets_by_kind: Callable[[], dict[str, int]],
         listener_up: Callable[[], bool],
         listener_reconnects: Callable[[], int],
@@ -95,6 +96,7 @@ class MetricsCollector(Collector):
         presence: Callable[[], dict[str, float]],
     ) -> None:
         self.stats = stats
+        self.gateway = gateway
         self.sockets_by_kind = sockets_by_kind
         self.listener_up = listener_up
         self.listener_reconnects = listener_reconnects
@@ -117,6 +119,12 @@ class MetricsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
+        # Which of several gateways answered: join on it (`* on() group_left(gateway)`) or
+        # add it as a target label; every gateway is scraped on its own port.
+        info = GaugeMetricFamily("replyx_gateway_info", "This gateway's name (REPLYX_GATEWAY_NAME)",
+                                 labels=["gateway"])
+        info.add_metric([self.gateway], 1)
+        yield info
         sockets = GaugeMetricFamily(
             "replyx_sockets", "Open client connections (WebSocket and SSE) by kind",
             labels=["kind"]

@@ -22,9 +22,11 @@ import argparse
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict
+from functools import partial
 
 import orjson
 
+from replyx.gateways import gateway_names, gateway_ports
 from replyx.settings import Settings
 from replyx_ops import state
 from replyx_ops.check.base import FAIL, PASS, SKIP, CheckFailed, Result
@@ -89,9 +91,13 @@ class Checker(PostgresChecks, ProcessChecks, HttpChecks):
             for name in ("schema", "triggers", "listen/notify", "gateway listener"):
                 yield Result(name, SKIP, why)
         yield from self._one("backend health", self.check_backend_health)
-        yield from self._one("gateway health", self.check_gateway_health)
+        # One line per gateway (REPLYX_GATEWAYS): the failing one is named.
+        for name, base in self.gateways:
+            yield from self._one(f"{name} health", partial(self.check_gateway_health, name, base))
         yield from self._one("backend workers", self.check_backend_workers)
-        yield from self._one("gateway process", self.check_gateway_process)
+        for name, port in zip(gateway_names(self.settings), gateway_ports(self.settings),
+                              strict=True):
+            yield from self._one(f"{name} process", partial(self.check_gateway_process, name, port))
         if self._nginx_configured():
             yield from self._one("nginx", self.check_nginx_process)
             yield from self._one("nginx /api/", self.check_nginx_api)

@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 
+from replyx.gateways import gateway_names, gateway_ports
 from replyx.pg import libpq_url
 from replyx.settings import Settings
 
@@ -44,6 +45,9 @@ class Probe:
         self.host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host  # noqa: S104
         self.backend = f"http://{self.host}:{settings.backend_port}"
         self.gateway = f"http://{self.host}:{settings.gateway_port}"
+        #: Every gateway of this host (REPLYX_GATEWAYS): its name and base URL.
+        self.gateways = [(name, f"http://{self.host}:{port}") for name, port
+                         in zip(gateway_names(settings), gateway_ports(settings), strict=True)]
         self.proxy = f"http://{self.host}:{settings.nginx_port}"
         self.log_dir = settings.log_dir
         self.url: str | None = None

@@ -16,7 +16,8 @@ class HttpChecks(Probe):
 
     def _health(self, program: str, base: str, why_503: str) -> bytes:
         """The body of ``base/health`` when it answers 200; else a failure naming the fix."""
-        hint = f"`replyx ctl start {program}`; its log: {self.log_dir}/{program}.log"
+        spec = f"gateway:{program}" if program.startswith("gateway-") else program
+        hint = f"`replyx ctl start {spec}`; its log: {self.log_dir}/{program}.log"
         try:
             status, _, body = self._get(base + "/health")
         except OSError as exc:
@@ -30,12 +31,11 @@ class HttpChecks(Probe):
         body = self._health("backend", self.backend, "the backend cannot reach Postgres")
         return f"{self.backend}/health 200 {short_body(body)}"
 
-    def check_gateway_health(self) -> str:
-        body = self._health(
-            "gateway", self.gateway, "the LISTEN connection is down or catching up"
-        )
+    def check_gateway_health(self, name: str = "gateway", base: str | None = None) -> str:
+        base = base or self.gateway
+        body = self._health(name, base, "the LISTEN connection is down or catching up")
         health = orjson.loads(body)
-        return (f"{self.gateway}/health 200: listener {health.get('listener')},"
+        return (f"{base}/health 200: listener {health.get('listener')},"
                 f" {health.get('sockets')} socket(s),"
                 f" notification lag {ms(health.get('notification_lag_ms'))}")
 

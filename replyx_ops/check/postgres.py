@@ -5,13 +5,15 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
 from replyx import schema
-from replyx.pg import EmbeddedPostgres, redact_url
+from replyx.pg import EmbeddedPostgres, libpq_url, redact_url
 from replyx.protocol import LISTENER_APPLICATION as LISTENER_APP
 from replyx.protocol import MAX_ID
 from replyx.protocol import NOTIFY_CHANNEL as CHANNEL
@@ -91,7 +93,7 @@ class PostgresChecks(Probe):
 
     def check_notify(self) -> Iterator[Result]:
         """A NOTIFY on the real channel, seen by our own LISTEN and counted by the gateway."""
-        counted_before = self._gateway_notifications()
+        counted_before = [self._gateway_notifications(base) for _, base in self.gateways]
         marker = secrets.token_hex(8)
         # A typing event for a dialog that does not exist: valid, so the gateway parses and
         # counts it without a warning, and routed to no socket.
@@ -99,7 +101,7 @@ class PostgresChecks(Probe):
             {"type": "typing", "dialog_id": NOWHERE, "sender": "system", "check": marker}
         ).decode()
         try:
-            with self._connect(autocommit=True) as listen, self._connect() as sender:
+            with self._connect_listen() as listen, self._connect() as sender:
                 listen.execute(f"LISTEN {CHANNEL}")
                 started = time.monotonic()
                 sender.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
@@ -127,47 +129,83 @@ class PostgresChecks(Probe):
                          f"LISTEN {CHANNEL} got our NOTIFY in {took * 1000:.0f} ms")
         else:
             yield Result(
-                "listen/notify", FAIL, f"our NOTIFY did not arrive within {self.timeout:g}s",
-                "LISTEN/NOTIFY needs a direct session: not through a transaction-pooling"
-                " pgbouncer",
+                "listen/notify", FAIL,
+                f"our NOTIFY did not arrive within {self.timeout:g}s on {self._listen_where()}",
+                "LISTEN/NOTIFY needs a direct session: a transaction-pooling pgbouncer hands"
+                " each transaction another server connection, so notifications never reach"
+                " the listener. Point REPLYX_LISTEN_DATABASE_URL straight at Postgres.",
             )
         yield from self._one(
             "gateway listener",
             lambda: self._check_listener([pid for (pid,) in listeners], counted_before),
         )
 
-    def _check_listener(self, pids: list[int], counted_before: float | None) -> str:
+    def _connect_listen(self) -> Any:
+        """The LISTEN side of the round trip: on the gateway's LISTEN URL, as it listens."""
+        listen_url = self.settings.listen_database_url
+        if listen_url is None:
+            return self._connect(autocommit=True)
+        return psycopg.connect(libpq_url(listen_url), connect_timeout=max(1, int(self.timeout)),
+                               application_name="replyx-check", autocommit=True)
+
+    def _listen_where(self) -> str:
+        url = self.settings.listen_database_url
+        where = "REPLYX_LISTEN_DATABASE_URL" if url else "DATABASE_URL"
+        port = urlsplit(url or self.url or "").port
+        # 6432 is pgbouncer's default port: say so, it is the usual cause.
+        return f"{where} (port {port}: pgbouncer's default)" if port == 6432 else where
+
+    def _check_listener(self, pids: list[int], counted_before: list[float | None]) -> str:
+        expected = len(self.gateways)
         hint = (f"start the gateway: `replyx ctl start gateway`; its log:"
                 f" {self.log_dir}/gateway.log")
         if not pids:
             raise CheckFailed(f"no {LISTENER_APP} session in pg_stat_activity", hint)
-        if len(pids) > 1:
+        if len(pids) < expected:
+            raise CheckFailed(
+                f"{len(pids)} {LISTENER_APP} session(s) for REPLYX_GATEWAYS={expected}",
+                f"each gateway holds one: `replyx ctl status`; logs: {self.log_dir}/gateway-*.log")
+        if expected == 1 and len(pids) > 1:
             raise CheckFailed(
                 f"{len(pids)} LISTEN sessions (backend pids {', '.join(map(str, pids))}):"
                 " more than one gateway runs on this database",
-                "run exactly one gateway process; stop the others",
+                "run exactly one gateway process, or set REPLYX_GATEWAYS (on other hosts:"
+                " REPLYX_GATEWAY_NAME) so that each is expected",
             )
-        if counted_before is None:
-            raise CheckFailed(f"LISTEN session pid {pids[0]}, but {self.gateway}/metrics"
-                              " does not answer", hint)
         # Any notification counts: under traffic ours is one of many, and that is fine.
+        waiting = {name for (name, _), before in zip(self.gateways, counted_before, strict=True)}
         deadline = time.monotonic() + self.timeout
         while True:
-            counted = self._gateway_notifications()
-            if counted is not None and counted > counted_before:
-                return (f"one LISTEN session (backend pid {pids[0]});"
-                        " the gateway received our NOTIFY")
+            for (name, base), before in zip(self.gateways, counted_before, strict=True):
+                if name in waiting:
+                    if before is None:
+                        raise CheckFailed(f"{len(pids)} LISTEN session(s), but {name}"
+                                          f" ({base}/metrics) does not answer",
+                                          hint.replace("gateway", name))
+                    counted = self._gateway_notifications(base)
+                    if counted is not None and counted > before:
+                        waiting.discard(name)
+            if not waiting:
+                break
             if time.monotonic() > deadline:
+                name = sorted(waiting)[0]
                 raise CheckFailed(
-                    f"LISTEN session pid {pids[0]}, but the gateway counted no notification"
-                    f" within {self.timeout:g}s",
-                    f"see {self.log_dir}/gateway.log and GET {self.gateway}/health",
+                    f"{', '.join(sorted(waiting))} counted no notification within"
+                    f" {self.timeout:g}s ({len(pids)} LISTEN session(s))",
+                    f"see {self.log_dir}/{name}.log and GET"
+                    f" {dict(self.gateways)[name]}/health",
                 )
             time.sleep(0.1)
+        if expected == 1 and len(pids) == 1:
+            return f"one LISTEN session (backend pid {pids[0]}); the gateway received our NOTIFY"
+        elsewhere = len(pids) - expected
+        return (f"{len(pids)} LISTEN sessions (backend pids {', '.join(map(str, pids))})"
+                + (f", {elsewhere} not of this host's gateways" if elsewhere else "")
+                + f"; all {expected} gateways received our NOTIFY")
 
-    def _gateway_notifications(self) -> float | None:
+    def _gateway_notifications(self, base: str) -> float | None:
         try:
-            _, _, body = self._get(self.gateway + "/metrics")
+            _, _, body = self._get(base + "/metrics")
         except OSError:
             return None
         for family in text_string_to_metric_families(body.decode()):

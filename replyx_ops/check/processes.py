@@ -38,12 +38,14 @@ class ProcessChecks(Probe):
         info = self._supervisor.get(program)
         if info is None:
             return None, f"supervisord has no program {program}"
+        # One of several gateways: supervisorctl names it group:process.
+        spec = program if info.get("group", program) == program else f"{info['group']}:{program}"
         # STARTING: the process is up and has not yet lived `startsecs` (it may serve already).
         if info["statename"] not in ("RUNNING", "STARTING") or not info.get("pid"):
             raise CheckFailed(
                 f"supervisord: {program} is {info['statename']}"
                 + (f" ({info['description']})" if info.get("description") else ""),
-                f"`replyx ctl start {program}`; its log: {self.log_dir}/{program}.log",
+                f"`replyx ctl start {spec}`; its log: {self.log_dir}/{program}.log",
             )
         return info["pid"], f"supervisord: {info['statename']}"
 
@@ -95,9 +97,9 @@ class ProcessChecks(Probe):
         pids = ", ".join(str(w.pid) for w in workers)
         return f"{note}; gunicorn master {master} with {expected} workers ({pids}) on :{port}"
 
-    def check_gateway_process(self) -> str:
-        port = self.settings.gateway_port
-        pid, note = self._supervised_pid("gateway")
+    def check_gateway_process(self, name: str = "gateway", port: int | None = None) -> str:
+        port = self.settings.gateway_port if port is None else port
+        pid, note = self._supervised_pid(name)
         listening = self._listening_pids(port)
         if pid is None:
             if not listening:

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from replyx.gateways import gateway_name
 from replyx.protocol import DIALOG_SOCKET_KINDS, SocketKind, positive_id
 from replyx.web import ApiError
 from ws_gateway.handlers.http import GatewayHandler
@@ -62,6 +63,7 @@ class StatusHandler(GatewayHandler):
                 dialogs[dialog_id] = {kind: kinds.get(kind, 0) for kind in KINDS}
         self.write_json(
             {
+                "gateway": gateway_name(self.parts.settings),
                 "connections": {
                     "total": sum(totals.values()) + inboxes,
                     **{k: totals[k] for k in KINDS}, SocketKind.INBOX: inboxes,

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import tornado.websocket
 
+from replyx.gateways import gateway_name
 from replyx.protocol import FrameType
 from ws_gateway.handlers.http import GatewayHandler
 from ws_gateway.parts import Parts
@@ -24,6 +25,7 @@ def health(parts: Parts) -> dict[str, Any]:
     lag = router.last_lag
     return {
         "status": "ok" if ok else "unavailable",
+        "gateway": gateway_name(parts.settings),
         "listener": parts.listener.state,
         "resyncing_dialogs": router.resyncing,
         "notification_lag_ms": round(lag * 1000, 2) if lag is not None else None,

@@ -1,0 +1,308 @@
+"""The NOTIFY ceiling: how far one Postgres carries the events, with more listeners and gateways.
+
+Two phases, on a database of its own (:class:`~replyx_ops.bench.servers.BenchDatabase`):
+
+1. **commits** — message INSERTs (one row, one commit, the trigger's NOTIFYs) from
+   ``--writers`` connections for ``--seconds``, with 1, 2, 8, 32 and 128 plain asyncpg
+   sessions LISTENing on ``replyx_events`` and draining every notification. Each commit
+   that sent a NOTIFY takes one global lock on the notification queue at COMMIT, and each
+   listener must read every notification: commits/s falls as listeners grow.
+2. **gateways** — 1 and then 2 real gateways (``python -m ws_gateway``) with
+   ``--sockets`` sockets spread over them, one burst of ``--burst`` messages on each of
+   ``--dialogs`` dialogs committed at once: notifications routed per second (every gateway
+   routes every notification) and frames written to sockets per second.
+
+Writers, listeners and sockets run in this process: its CPU share of the machine is
+reported next to each number (on 2 cores the load generator competes with what it
+measures), with Postgres's and the gateways' own CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import asyncpg
+import orjson
+import psutil
+
+from replyx.protocol import NOTIFY_CHANNEL
+from replyx.settings import Settings
+from replyx_ops.bench.servers import BIN, BenchDatabase, Server, Tenant, server_env
+from replyx_ops.bench.wsclient import Recorder, open_socket
+
+LISTENERS = (1, 2, 8, 32, 128)
+CORES = os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    listeners: int
+    commits_per_s: float
+    notifications_per_s_per_listener: float
+    generator_cpu_share: float  # of the whole machine (all cores)
+    postgres_cpu_share: float
+
+
+@dataclass(frozen=True)
+class GatewayResult:
+    gateways: int
+    sockets: int
+    notifications: int
+    routed_per_s: float  # notifications routed, summed over gateways
+    frames_per_s: float
+    generator_cpu_share: float
+    gateways_cpu_share: float
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tiny", action="store_true", help="a run under 60 s (the tests')")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="commit phase length per listener count (default 5; tiny 1.5)")
+    parser.add_argument("--writers", type=int, default=4, help="writer connections (4)")
+    parser.add_argument("--listeners", default=",".join(map(str, LISTENERS)),
+                        help="listener counts, comma-separated (1,2,8,32,128)")
+    parser.add_argument("--sockets", type=int, default=None,
+                        help="sockets in the gateway phase (default 2000; tiny 200)")
+    parser.add_argument("--dialogs", type=int, default=None,
+                        help="dialogs in the gateway phase (default 200; tiny 40)")
+    parser.add_argument("--burst", type=int, default=None,
+                        help="messages per dialog in the gateway burst (default 20; tiny 5)")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    tiny = bool(args.tiny)
+    seconds = args.seconds or (1.5 if tiny else 5.0)
+    sockets = args.sockets or (200 if tiny else 2000)
+    dialogs = args.dialogs or (40 if tiny else 200)
+    burst = args.burst or (5 if tiny else 20)
+    listeners = [int(n) for n in args.listeners.split(",") if n.strip()]
+    started = time.monotonic()
+    db = BenchDatabase(settings.database_url, settings.data_dir)
+    try:
+        commits = [asyncio.run(_commit_phase(db.url, n, args.writers, seconds))
+                   for n in listeners]
+        for row in commits:
+            note(f"{row.listeners:>4} listeners: {row.commits_per_s:8.0f} commits/s")
+        jwt_secret = secrets.token_urlsafe(48)
+        tenant = Tenant(db, jwt_secret.encode())
+        dialog_ids = tenant.add_dialogs(dialogs, widget_share=0)
+        gateways = [_gateway_phase(settings, db, tenant, jwt_secret, dialog_ids, n, sockets, burst)
+                    for n in (1, 2)]
+        for g in gateways:
+            note(f"{g.gateways} gateway(s): {g.routed_per_s:.0f} routed/s,"
+                 f" {g.frames_per_s:.0f} frames/s")
+    finally:
+        db.drop()
+    result = {"commits": [asdict(r) for r in commits],
+              "gateways": [asdict(r) for r in gateways],
+              "cores": CORES, "seconds": round(time.monotonic() - started, 1),
+              "writers": args.writers}
+    print(table(commits, gateways))
+    if args.json:
+        print(orjson.dumps(result).decode())
+    return 0
+
+
+def table(commits: list[CommitResult], gateways: list[GatewayResult]) -> str:
+    lines = ["listeners  commits/s  notifications/s per listener  generator CPU  Postgres CPU"]
+    lines += [f"{r.listeners:>9}  {r.commits_per_s:>9.0f}"
+              f"  {r.notifications_per_s_per_listener:>28.0f}"
+              f"  {r.generator_cpu_share:>12.0%}  {r.postgres_cpu_share:>12.0%}" for r in commits]
+    lines += ["", "gateways  sockets  notifications  routed/s (all gateways)  frames/s"
+                  "  generator CPU  gateways CPU"]
+    lines += [f"{r.gateways:>8}  {r.sockets:>7}  {r.notifications:>13}  {r.routed_per_s:>23.0f}"
+              f"  {r.frames_per_s:>8.0f}  {r.generator_cpu_share:>13.0%}"
+              f"  {r.gateways_cpu_share:>12.0%}" for r in gateways]
+    lines.append(f"(CPU shares are of all {CORES} cores)")
+    return "\n".join(lines)
+
+
+# -- phase 1: commits/s against listener count --------------------------------------------
+
+
+def _postgres_cpu() -> float:
+    """CPU seconds of this machine's Postgres so far: live processes, and the backends
+    that ended (their time is in the postmaster's children times once it reaped them)."""
+    total = 0.0
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] not in ("postgres", "postmaster"):
+            continue
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+class Counter:
+    """A listener callback that only counts, as the gateway's does little more."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._moved = asyncio.Event()
+
+    def __call__(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        self.count += 1
+        self._moved.set()
+
+    async def wait_for(self, count: int, timeout: float) -> None:  # noqa: ASYNC109
+        deadline = time.monotonic() + timeout
+        while self.count < count and time.monotonic() < deadline:
+            self._moved.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._moved.wait(), 0.5)
+
+
+async def _commit_phase(url: str, listeners: int, writers: int, seconds: float
+                        ) -> CommitResult:
+    counters = [Counter() for _ in range(listeners)]
+    conns: list[asyncpg.Connection] = []
+    for counter in counters:
+        conn = await asyncpg.connect(url, server_settings={"application_name": "replyx-bench"})
+        await conn.add_listener(NOTIFY_CHANNEL, counter)
+        conns.append(conn)
+    tenant_dialogs = await _dialogs(url, writers * 4)
+    commits = 0
+    stop = False
+
+    async def write(k: int) -> None:
+        nonlocal commits
+        conn = await asyncpg.connect(url)
+        try:
+            i = 0
+            while not stop:
+                await conn.execute(
+                    "INSERT INTO messages (dialog_id, sender, text) VALUES ($1, 'system', 'n')",
+                    tenant_dialogs[(k + i * writers) % len(tenant_dialogs)])
+                commits += 1
+                i += 1
+        finally:
+            await conn.close()
+
+    pg_before, cpu_before, wall = _postgres_cpu(), time.process_time(), time.monotonic()
+    tasks = [asyncio.ensure_future(write(k)) for k in range(writers)]
+    await asyncio.sleep(seconds)
+    stop = True
+    await asyncio.gather(*tasks)
+    took = time.monotonic() - wall
+    done = commits
+    # Drain: each listener must see every notification those commits sent.
+    target = max(c.count for c in counters)
+    for counter in counters:
+        await counter.wait_for(target, 30)
+    received = [c.count for c in counters]
+    cpu = time.process_time() - cpu_before
+    pg = _postgres_cpu() - pg_before
+    elapsed = time.monotonic() - wall
+    for conn in conns:
+        await conn.close()
+    return CommitResult(listeners, round(done / took, 1),
+                        round(sum(received) / listeners / elapsed, 1),
+                        round(cpu / elapsed / CORES, 3), round(pg / elapsed / CORES, 3))
+
+
+async def _dialogs(url: str, count: int) -> list[int]:
+    conn = await asyncpg.connect(url)
+    try:
+        user = await conn.fetchval(
+            "INSERT INTO users (email, password_hash) VALUES ($1, 'x') RETURNING id",
+            f"notify-{secrets.token_hex(4)}@replyx.invalid")
+        assistant = await conn.fetchval(
+            "INSERT INTO assistants (user_id, name, domains, site_token_hash)"
+            " VALUES ($1, 'n', '{}', $2) RETURNING id", user, secrets.token_hex(16))
+        rows = await conn.fetch(
+            "INSERT INTO dialogs (assistant_id, channel) SELECT $1, 'site'"
+            " FROM generate_series(1, $2) RETURNING id", assistant, count)
+    finally:
+        await conn.close()
+    return [int(r["id"]) for r in rows]
+
+
+# -- phase 2: 1 and 2 gateways -------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _gateway_phase(settings: Settings, db: BenchDatabase, tenant: Tenant, jwt_secret: str,
+                   dialog_ids: list[int], count: int, sockets: int, burst: int
+                   ) -> GatewayResult:
+    log_dir = settings.data_dir / "bench" / "notify"
+    servers: list[Server] = []
+    try:
+        for i in range(count):
+            port = _free_port()
+            env = server_env(db.url, settings.data_dir / "bench", jwt_secret,
+                             GATEWAY_PORT=str(port), REPLYX_GATEWAY_NAME=f"gateway-{i + 1}")
+            servers.append(Server(f"notify-gateway-{i + 1}", [str(BIN / "python"), "-m",
+                                  "ws_gateway"], env, log_dir, f"http://127.0.0.1:{port}/health"))
+        for server in servers:
+            server.wait_healthy()
+        ports = [int(s.health_url.rsplit(":", 1)[1].split("/")[0]) for s in servers]
+        return asyncio.run(_burst(db, tenant, dialog_ids, servers, ports, sockets, burst))
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def _burst(db: BenchDatabase, tenant: Tenant, dialog_ids: list[int],
+                 servers: list[Server], ports: list[int], sockets: int,
+                 burst: int) -> GatewayResult:
+    recorder = Recorder()
+    opened = []
+    for i in range(sockets):
+        dialog_id = dialog_ids[i % len(dialog_ids)]
+        port = ports[i % len(ports)]  # spread as nginx's upstream would
+        opened.append(await open_socket("127.0.0.1", port, tenant.admin_path(dialog_id), None,
+                                        "notify", dialog_id, recorder))
+    expected = sockets * burst
+    frames_before = recorder.frames
+    gw_before = sum(s.cpu_seconds() for s in servers)
+    # The sockets stamp frames with time.time().
+    cpu_before, wall, wall_clock = time.process_time(), time.monotonic(), time.time()
+    conn = await asyncpg.connect(db.url)
+    try:
+        await conn.execute(
+            "INSERT INTO messages (dialog_id, sender, text)"
+            " SELECT d, 'system', 'burst' FROM generate_series(1, $1) i, unnest($2::bigint[]) d"
+            " ORDER BY i, d", burst, dialog_ids)
+    finally:
+        await conn.close()
+    deadline = time.monotonic() + 120
+    while recorder.frames - frames_before < expected and time.monotonic() < deadline:
+        await recorder.wait_change(0.5)
+    took = max(recorder.last_frame_at - wall_clock, 1e-6)
+    elapsed = time.monotonic() - wall
+    cpu = time.process_time() - cpu_before
+    gw = sum(s.cpu_seconds() for s in servers) - gw_before
+    for sock in opened:
+        if sock.transport is not None:
+            sock.transport.close()
+    notifications = len(dialog_ids) * burst
+    return GatewayResult(
+        len(servers), sockets, notifications,
+        round(notifications * len(servers) / took, 1),
+        round((recorder.frames - frames_before) / took, 1),
+        round(cpu / elapsed / CORES, 3), round(gw / elapsed / CORES, 3))
+
+
+def note(message: str) -> None:
+    print(f"replyx bench notify: {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m replyx_ops.bench.notify")
+    add_arguments(parser)
+    sys.exit(main(Settings.from_environ(), parser.parse_args()))
+
