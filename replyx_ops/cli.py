@@ -22,6 +22,7 @@ from replyx.schema import SchemaMismatchError
 from replyx.settings import ConfigError, Settings
 from replyx_ops import chaos, check, rolling, stack, state
 from replyx_ops.bench import hostile as bench_hostile
+from replyx_ops.bench import notify as bench_notify
 from replyx_ops.bench import run as bench_run
 from replyx_ops.bench import workspace as bench_workspace
 
@@ -274,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bystanders' latency and gateway memory under hostile load")
     p.set_defaults(func=bench_hostile.main)
     bench_hostile.add_arguments(p)
+
+    p = sub.add_parser("bench-notify",
+                       help="the NOTIFY ceiling: commits/s by listener count, 1 vs 2 gateways")
+    p.set_defaults(func=bench_notify.main)
+    bench_notify.add_arguments(p)
 
     p = sub.add_parser("bench-workspace",
                        help="inbox latency and presence churn (the operator's workspace)")
