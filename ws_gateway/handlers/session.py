@@ -140,7 +140,9 @@ class Session(RedactedRequestLogging, tornado.web.RequestHandler):
             return False
         limiter = parts.limiter
         if not limiter.admit(self):
-            self._refuse(Refused(CloseCode.POLICY, "too many connection attempts"))
+            # 1013, not 1008: clients behind one address (a NAT, a proxy) all reconnecting
+            # after a gateway restart must back off and retry, not give up for good.
+            self._refuse(Refused(CloseCode.TRY_AGAIN, "too many connection attempts, try again"))
             return False
         if not limiter.acquire(self):
             self._refuse(Refused(CloseCode.POLICY, "too many connections from this address"))
