@@ -157,6 +157,7 @@ def test_checker_wants_the_tail_at_the_end_and_only_a_prefix_before() -> None:
 # -- the soak ----------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(600)  # the soak's own limit is 400 s (81 s on a quiet machine)
 def test_one_minute_soak_with_every_fault_loses_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out"
     # Outside pytest's tmp dirs: the embedded Postgres (run as pgserver under root) must reach

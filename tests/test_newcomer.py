@@ -24,7 +24,7 @@ from replyx.settings import Settings
 from replyx_client import DialogClient
 from replyx_ops import demo, state
 from tests.fix_apps import Api, Sockets
-from tests.fix_db import TEST_JWT_SECRET, Tenant, make_settings
+from tests.fix_db import TEST_JWT_SECRET, Tenant, create_tenant, make_settings, new_database
 from tests.fix_stack import BIN, Stack
 from ws_gateway.app import Gateway
 
@@ -35,9 +35,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
 
 @pytest.fixture(scope="module")
 def bare(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("bare"), database_url).start("--no-nginx")
-    yield stack
-    stack.stop()
+    # A database of its own: `replyx check` counts the gateways LISTENing on it, and other
+    # modules' stacks on the shared test database would be counted too.
+    with new_database(database_url, "replyx_bare") as url:
+        stack = Stack(tmp_path_factory.mktemp("bare"), url).start("--no-nginx")
+        yield stack
+        stack.stop()
 
 
 def replyx(*args: str, env: dict[str, str], cwd: Path | None = None,
@@ -172,8 +175,8 @@ def test_without_nginx_the_banner_says_what_serves_nginx_port(bare: Stack) -> No
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_the_stand_in_routes_api_sockets_and_pages(bare: Stack, make_tenant: Any) -> None:
-    tenant: Tenant = make_tenant([bare.nginx])
+async def test_the_stand_in_routes_api_sockets_and_pages(bare: Stack) -> None:
+    tenant: Tenant = create_tenant(bare.env["DATABASE_URL"], [bare.nginx])
     api = Api(bare.nginx)
     sockets = Sockets(bare.nginx.replace("http://", "ws://"))
     dialog_id, guest = await api.widget_dialog(tenant, origin=bare.nginx)

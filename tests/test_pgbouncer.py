@@ -20,10 +20,11 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
+from replyx import schema
 from replyx.pg import libpq_url
 from tests.consistency import assert_match_database, open_three, site_poster
 from tests.fix_apps import Api, Sockets
-from tests.fix_db import Tenant
+from tests.fix_db import create_tenant, new_database
 from tests.fix_stack import BIN, Stack
 from tests.net import free_port
 
@@ -58,8 +59,18 @@ logfile = {directory}/pgbouncer.log
 
 
 @pytest.fixture
-def pgbouncer(database_url: str) -> Iterator[str]:
-    """A running pgbouncer; yields the URL clients use."""
+def own_database(database_url: str) -> Iterator[str]:
+    """A database of this test's own: `replyx check` counts the gateways LISTENing on it,
+    and another module's stack on the shared test database would be counted too."""
+    with new_database(database_url, "replyx_pgb") as url:
+        schema.upgrade(url)
+        yield url
+
+
+@pytest.fixture
+def pgbouncer(own_database: str) -> Iterator[str]:
+    """A running pgbouncer in front of the test's own database; yields the URL clients use."""
+    database_url = own_database
     assert Path(PGBOUNCER).exists(), "pgbouncer is not installed: apt-get install pgbouncer"
     # Its own directory under /tmp: as root it runs as nobody, who cannot enter pytest's.
     with tempfile.TemporaryDirectory(prefix="replyx-pgbouncer-") as name:
@@ -108,8 +119,10 @@ def _user_exists(name: str) -> bool:
 
 @pytest.mark.gen_test(timeout=240)
 async def test_stack_through_pgbouncer_with_a_direct_listen_connection(
-    tmp_path: Path, database_url: str, pgbouncer: str, tenant: Tenant
+    tmp_path: Path, own_database: str, pgbouncer: str
 ) -> None:
+    database_url = own_database
+    tenant = create_tenant(database_url)
     stack = Stack(tmp_path / "stack", pgbouncer, REPLYX_LISTEN_DATABASE_URL=database_url)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, lambda: stack.start("--no-demo", "--no-nginx"))
