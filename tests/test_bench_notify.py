@@ -23,7 +23,11 @@ def test_notify_bench_tiny_reports_every_row(tmp_path: Path, database_url: str) 
     took = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
     report = orjson.loads(result.stdout.splitlines()[-1])
-    assert [row["listeners"] for row in report["commits"]] == [1, 2, 8, 32, 128]
+    # Every count ran, but those a server's max_connections has no room for (the embedded
+    # server takes them all; Postgres' default of 100 does not take 128).
+    ran = [row["listeners"] for row in report["commits"]]
+    assert sorted(ran + report["skipped_listeners"]) == [1, 2, 8, 32, 128]
+    assert ran[:3] == [1, 2, 8]
     assert all(row["commits_per_s"] > 0 for row in report["commits"])
     # Every listener drained what the commits sent (each message sends at least one NOTIFY).
     assert all(row["notifications_per_s_per_listener"] > 0 for row in report["commits"])
