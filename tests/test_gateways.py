@@ -110,7 +110,8 @@ async def test_three_gateways_share_sockets_and_a_killed_one_costs_only_its_own(
     for name in ("gateway-1", "gateway-2", "gateway-3"):
         assert report[f"{name} health"]["status"] == "pass", report
         assert report[f"{name} process"]["status"] == "pass", report
-    assert "3 LISTEN sessions" in report["gateway listener"]["detail"]
+    # (Another module's stack may LISTEN on the shared test database too: counted apart.)
+    assert "all 3 gateways received our NOTIFY" in report["gateway listener"]["detail"]
     status = stack.ctl("status")
     assert all(f"gateway:gateway-{i}" in status for i in (1, 2, 3)), status
 

@@ -142,7 +142,8 @@ async def test_stack_through_pgbouncer_with_a_direct_listen_connection(
         with psycopg.connect(database_url, autocommit=True) as conn:
             killed = conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name = 'replyx-gateway-listener'").fetchall()
+                " WHERE application_name = 'replyx-gateway-listener'"
+                " AND datname = current_database()").fetchall()
         assert killed == [(True,)]
         await poster.wait_created(poster.created + 60)
         await poster.stop()
