@@ -63,6 +63,7 @@
     this.backoffInitial = options.backoffInitial || 500;   // ms
     this.backoffMax = options.backoffMax || 15000;
     this.pingEvery = options.pingEvery || 25000;           // app-level ping, for half-open sockets
+    this.fatalCodes = options.fatalCodes || FATAL_CODES;
     // SSE fallback: 'auto' (WebSocket, then EventSource after a failed upgrade), 'ws' or 'sse'.
     this.transport = options.transport || 'auto';
     this.transportInUse = null;                            // 'ws' | 'sse' once connected
@@ -160,15 +161,20 @@
         self._open();
         return;
       }
-      if (FATAL_CODES[event.code]) {
-        self._stopped = true;
-        self._setState('closed');
-        self._emit('closed', {code: event.code, reason: event.reason});
+      if (self.fatalCodes[event.code]) {
+        self._giveUp(event.code, event.reason);
         return;
       }
       self._setState('reconnecting');
       self._schedule();
     };
+  };
+
+  // A close no retry can fix: stop for good and say why.
+  Dialog.prototype._giveUp = function (code, reason) {
+    this._stopped = true;
+    this._setState('closed');
+    this._emit('closed', {code: code, reason: reason});
   };
 
   Dialog.prototype._schedule = function () {
@@ -242,12 +248,10 @@
       var info = {};
       try { info = JSON.parse(event.data); } catch (err) { /* keep {} */ }
       self.closeCodes.push(info.code);
-      if (FATAL_CODES[info.code]) {
+      if (self.fatalCodes[info.code]) {
         es.close();
         self._es = null;
-        self._stopped = true;
-        self._setState('closed');
-        self._emit('closed', {code: info.code, reason: info.reason});
+        self._giveUp(info.code, info.reason);
         return;
       }
       // 1012, 4008, 1013: the browser reconnects by itself and sends Last-Event-ID.
@@ -428,7 +432,8 @@
 
   // The connection plumbing an inbox shares with a dialog socket: events, state, the
   // jittered backoff and the ping that finds half-open connections.
-  ['on', '_emit', '_setState', '_schedule', '_reconnectNow', '_startPinger', '_stopPinger']
+  ['on', '_emit', '_setState', '_giveUp', '_schedule', '_reconnectNow', '_startPinger',
+   '_stopPinger']
     .forEach(function (name) { Inbox.prototype[name] = Dialog.prototype[name]; });
 
   // The view, newest activity first.
@@ -489,9 +494,7 @@
         return;
       }
       if (self.fatalCodes[event.code]) {
-        self._stopped = true;
-        self._setState('closed');
-        self._emit('closed', {code: event.code, reason: event.reason});
+        self._giveUp(event.code, event.reason);
         return;
       }
       self._setState('reconnecting');
@@ -518,9 +521,7 @@
       if (self.fatalCodes[info.code]) {
         es.close();
         self._es = null;
-        self._stopped = true;
-        self._setState('closed');
-        self._emit('closed', {code: info.code, reason: info.reason});
+        self._giveUp(info.code, info.reason);
         return;
       }
       self._setState('reconnecting');  // the browser reconnects by itself
