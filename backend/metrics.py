@@ -21,6 +21,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from replyx.timing import BACKEND_STAGE_METRIC, STAGE_BUCKETS, BackendStage
+
 if TYPE_CHECKING:
     from tornado.web import RequestHandler
 
@@ -47,6 +49,15 @@ WORKERS = Gauge(
     registry=REGISTRY,
 )
 
+MESSAGE_STAGES = Histogram(
+    BACKEND_STAGE_METRIC,
+    "Where a posted message's time goes in the backend: handler (request parsed to INSERT"
+    " sent), commit (INSERT sent to COMMIT returned)",
+    ["stage"],
+    buckets=STAGE_BUCKETS,
+    registry=REGISTRY,
+)
+
 #: The route label of requests no route matched (bounded label values, whatever the path).
 UNMATCHED = "other"
 
@@ -60,6 +71,12 @@ def observe(handler: RequestHandler, route: str) -> None:
     method = request.method or "-"
     REQUESTS.labels(method, route, str(handler.get_status())).inc()
     DURATION.labels(method, route).observe(request.request_time())
+
+
+def observe_message(handler_seconds: float, commit_seconds: float) -> None:
+    """The stages of one posted message (see :mod:`replyx.timing`)."""
+    MESSAGE_STAGES.labels(BackendStage.HANDLER.value).observe(handler_seconds)
+    MESSAGE_STAGES.labels(BackendStage.COMMIT.value).observe(commit_seconds)
 
 
 def exposition(multiprocess_dir: Path | None) -> bytes:

@@ -297,9 +297,10 @@ async def post_message(
     """Insert and commit one message if the dialog is the principal's; return it rendered
     as its frame (a JSON text), or ``None`` when the dialog is not theirs (or not at all).
 
-    The database assigns ``seq`` and sends the NOTIFY when this commits.
+    The database assigns ``seq`` and sends the NOTIFY when this commits (one
+    statement in autocommit: one round trip).
     """
-    async with db.engine.begin() as conn:
+    async with db.write() as conn:
         rendered: str | None = await conn.scalar(
             _POST_MESSAGE[principal.kind],
             {**principal.params(dialog_id), "sender": sender, "text": body},
@@ -309,7 +310,7 @@ async def post_message(
 
 async def send_typing(db: Database, principal: Principal, dialog_id: int, sender: str) -> bool:
     """An ephemeral event: sent through NOTIFY on commit, never stored. False: not theirs."""
-    async with db.engine.begin() as conn:
+    async with db.write() as conn:
         result = await conn.execute(
             _SEND_TYPING[principal.kind], {**principal.params(dialog_id), "sender": sender}
         )

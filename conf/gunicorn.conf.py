@@ -11,6 +11,7 @@ that any worker's ``/metrics`` answers with the sum over all of them.
 import os
 import shutil
 
+from replyx import eventloop
 from replyx.settings import Settings
 
 _settings = Settings.from_environ()
@@ -45,6 +46,11 @@ def on_starting(server: object) -> None:
     # Files left by an earlier master would be summed into this one's counters.
     shutil.rmtree(_metrics_dir, ignore_errors=True)
     _metrics_dir.mkdir(parents=True, exist_ok=True)
+
+
+def post_fork(server: object, worker: object) -> None:
+    # Before the tornado worker makes its IOLoop (REPLYX_EVENT_LOOP).
+    eventloop.install(_settings.event_loop)
 
 
 def child_exit(server: object, worker: object) -> None:

@@ -74,6 +74,46 @@ class RedactQueries(logging.Filter):
         return True
 
 
+class LineFormatter(logging.Formatter):
+    """The line prefix (time, level, process, logger) on every line of a message.
+
+    A record may carry several lines (:class:`HeldLines`); each must still read, and
+    grep, as a line of its own. A traceback is left as it is.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        message = record.message
+        if "\n" not in message or not text.endswith(message):
+            return text
+        head = text[: len(text) - len(message)]
+        return "\n".join(head + line for line in message.split("\n"))
+
+
+class HeldLines:
+    """Log lines of a hot path, held and then logged as one record: one write for many lines.
+
+    ``add`` costs a level check and an append; the lines are formatted, and written in
+    one ``write``, by :meth:`flush`, which the hot path calls when it is done (the
+    gateway's consumer, once a batch's frames are with the kernel). Each line keeps
+    the usual prefix (:class:`LineFormatter`), so ``grep`` finds them as before.
+    """
+
+    def __init__(self, logger: logging.Logger, level: int = logging.INFO) -> None:
+        self.logger = logger
+        self.level = level
+        self.lines: list[tuple[str, tuple[object, ...]]] = []
+
+    def add(self, fmt: str, *args: object) -> None:
+        if self.logger.isEnabledFor(self.level):
+            self.lines.append((fmt, args))
+
+    def flush(self) -> None:
+        lines, self.lines = self.lines, []
+        if lines:
+            self.logger.log(self.level, "%s", "\n".join(fmt % args for fmt, args in lines))
+
+
 def setup_logging(level: str = "INFO", *, name: str | None = None) -> None:
     """Log to stderr, one line per record, queries and secrets redacted.
 
@@ -83,7 +123,7 @@ def setup_logging(level: str = "INFO", *, name: str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     tag = None if name is None else name.replace("%", "%%")
     fmt = FORMAT if tag is None else FORMAT.replace("[%(process)d]", f"[{tag} %(process)d]")
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(LineFormatter(fmt))
     handler.addFilter(RedactQueries())
     root = logging.getLogger()
     root.handlers[:] = [handler]

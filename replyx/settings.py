@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from replyx.eventloop import LOOPS
 from replyx.origins import normalize_origin
 
 T = TypeVar("T")
@@ -94,6 +95,12 @@ def _log_level(raw: str) -> str:
     if level not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
     return level
+
+
+def _event_loop(raw: str) -> str:
+    if raw not in LOOPS:
+        raise ValueError(f"must be one of {', '.join(LOOPS)}")
+    return raw
 
 
 def _postgres_url(raw: str) -> str:
@@ -189,6 +196,10 @@ class Settings:
                               section=_PLACES)
     host: str = setting("REPLYX_HOST", "127.0.0.1", _text, "The interface all three listen on.",
                         section=_PLACES)
+    event_loop: str = setting(
+        "REPLYX_EVENT_LOOP", "uvloop", _event_loop,
+        "The event loop of the gateway and the backend workers: asyncio or uvloop.",
+        section=_PLACES)
     backend_workers: int = setting(
         "BACKEND_WORKERS", 4, _count, "gunicorn workers of the backend (replyx check expects"
         " this many).", section=_PLACES)

@@ -23,6 +23,7 @@ from replyx.settings import ConfigError, Settings
 from replyx_ops import chaos, check, rolling, stack, state
 from replyx_ops.bench import hostile as bench_hostile
 from replyx_ops.bench import notify as bench_notify
+from replyx_ops.bench import rounds as bench_rounds
 from replyx_ops.bench import run as bench_run
 from replyx_ops.bench import workspace as bench_workspace
 
@@ -268,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_arguments(p)
 
     p = sub.add_parser("bench", help="the load and latency benchmark")
-    p.set_defaults(func=bench_run.main)
+    p.set_defaults(func=lambda settings, args: (
+        bench_rounds.main if args.rounds else bench_run.main)(settings, args))
     bench_run.add_arguments(p)
 
     p = sub.add_parser("bench-hostile",

@@ -4,12 +4,15 @@ line per event under the data dir, no token in any of them, rotation at the conf
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import re
 import time
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
+from replyx.logs import FORMAT, HeldLines, LineFormatter
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant
 from tests.fix_stack import LOG_BACKUPS, LOG_MAX_BYTES, Stack
@@ -64,6 +67,13 @@ async def test_logs_are_grep_able_under_the_data_dir_and_carry_no_token(
     refused = [line for line in ops.logs("gateway").splitlines()
                if "WEBSOCKET_4003_ERROR" in line and f"dialog_id={dialog_id}" in line]
     assert len(refused) == 1 and "code=4003" in refused[0]
+    # The broadcast lines are written in batches (replyx.logs.HeldLines), yet each is a
+    # whole line of its own with the usual prefix.
+    broadcast = [line for line in ops.logs("gateway").splitlines()
+                 if f"Broadcasting message dialog_id={dialog_id} " in line]
+    assert len(broadcast) == 1
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO \[(?:gateway\S* )?\d+\] "
+                    r"ws_gateway\.router: Broadcasting message ", broadcast[0]), broadcast[0]
 
     secrets_ = [tenant.token, tenant.site_token, guest, tenant.password]
     for path in (ops.data_dir / "log").iterdir():
@@ -87,3 +97,39 @@ async def test_logs_rotate_at_the_configured_size(ops: Stack) -> None:
     # supervisord rotates at REPLYX_LOG_MAX_BYTES and keeps REPLYX_LOG_BACKUPS old files.
     assert (log_dir / "gateway.log").stat().st_size <= LOG_MAX_BYTES
     assert not (log_dir / f"gateway.log.{LOG_BACKUPS + 1}").exists()
+
+
+def test_held_lines_are_written_at_once_each_with_its_prefix() -> None:
+    """The hot path's lines wait for flush(), then leave in one write, one line each."""
+    stream = io.StringIO()
+    writes: list[str] = []
+    original = stream.write
+
+    def counting(text: str) -> int:
+        writes.append(text)
+        return original(text)
+
+    stream.write = counting  # type: ignore[method-assign]
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(LineFormatter(FORMAT))
+    logger = logging.getLogger("test.held")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    held = HeldLines(logger)
+    for seq in (1, 2, 3):
+        held.add("Broadcasting message dialog_id=%d seq=%d sockets=%d", 7, seq, 2)
+    assert stream.getvalue() == ""  # nothing before the flush
+    held.flush()
+    lines = stream.getvalue().splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        f"Broadcasting message dialog_id=7 seq={seq} sockets=2" for seq in (1, 2, 3)]
+    assert all(re.match(r"\d{4}-\d\d-\d\d \S+ INFO \[\d+\] test\.held: ", line)
+               for line in lines), lines
+    assert len([w for w in writes if "Broadcasting" in w]) == 1
+    held.flush()  # nothing held: nothing written
+    assert len(stream.getvalue().splitlines()) == 3
+    # Above the level: not even held.
+    logger.setLevel(logging.WARNING)
+    held.add("Broadcasting message dialog_id=%d seq=%d sockets=%d", 7, 4, 2)
+    assert held.lines == []

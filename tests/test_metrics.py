@@ -92,12 +92,14 @@ GATEWAY_FAMILIES = {
     "replyx_listener_reconnects": "counter",
     "replyx_refused_handshakes": "counter",
     "replyx_notification_lag_seconds": "histogram",
+    "replyx_gateway_message_stage_seconds": "histogram",
     "process_resident_memory_bytes": "gauge",
     "process_open_fds": "gauge",
 }
 BACKEND_FAMILIES = {
     "replyx_backend_requests": "counter",
     "replyx_backend_request_duration_seconds": "histogram",
+    "replyx_backend_message_stage_seconds": "histogram",
     "replyx_backend_workers": "gauge",
 }
 
@@ -143,4 +145,34 @@ async def test_metric_names_follow_prometheus_conventions(ops: Stack, tenant: Te
     assert samples[("replyx_listener_up", ())] == 1
     routed = ("replyx_messages_routed_total", ())
     assert samples[routed] - before[routed] == 1
+    await sockets.close_all()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_every_message_is_timed_stage_by_stage(ops: Stack, tenant: Tenant) -> None:
+    """Each posted message is counted once in every stage of the backend and the gateway
+    (replyx/timing.py), so ``replyx bench`` can say which stage a regression is in."""
+    api, sockets = Api(ops.api), Sockets(ops.ws)
+    dialog_id = await api.site_dialog(tenant)
+    site = await sockets.open(sockets.site_url(tenant, dialog_id))
+    urls = {"gateway": ops.gateway + "/metrics", "backend": ops.api + "/metrics"}
+    before = {name: metrics((await get_text(url))[1]) for name, url in urls.items()}
+    for n in range(3):
+        await api.post_site(tenant, dialog_id, f"timed {n}")
+    await site.wait_for_seq(3)
+    await asyncio.sleep(0.2)  # the consumer times a batch right after writing it
+    stages = {"backend": ("handler", "commit"),
+              "gateway": ("notify", "queue", "parse", "deliver")}
+    for name, url in urls.items():
+        after = metrics((await get_text(url))[1])
+        for stage in stages[name]:
+            labels = (("stage", stage),)
+            count = (f"replyx_{name}_message_stage_seconds_count", labels)
+            total = (f"replyx_{name}_message_stage_seconds_sum", labels)
+            assert after[count] - before[name].get(count, 0.0) == 3, (name, stage)
+            assert after[total] >= before[name].get(total, 0.0), (name, stage)
+        # Posting and routing take time: the main stages cannot all be zero.
+        main = "commit" if name == "backend" else "deliver"
+        total = (f"replyx_{name}_message_stage_seconds_sum", (("stage", main),))
+        assert after[total] > before[name].get(total, 0.0)
     await sockets.close_all()

@@ -13,7 +13,6 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
-from prometheus_client import CollectorRegistry
 
 from ws_gateway.events import Event
 from ws_gateway.metrics import Stats
@@ -127,7 +126,7 @@ def store() -> Store:
 
 @pytest.fixture
 def router(store: Store) -> Router:
-    return Router(store, Stats(CollectorRegistry()))  # type: ignore[arg-type]
+    return Router(store, Stats())  # type: ignore[arg-type]
 
 
 @pytest.mark.gen_test(timeout=10)

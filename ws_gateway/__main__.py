@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
-from replyx import logs
+from replyx import eventloop, logs
 from replyx.gateways import gateway_name
 from replyx.pg import resolve_database_url
 from replyx.schema import SchemaMismatchError
@@ -27,7 +26,8 @@ def main(router_factory: RouterFactory = Router) -> int:
     logs.setup_logging(settings.log_level or "INFO", name=None if name == "gateway" else name)
     try:
         url = resolve_database_url(settings.database_url, settings.data_dir)
-        asyncio.run(serve(settings, url, router_factory=router_factory))
+        with eventloop.runner(settings.event_loop) as runner:
+            runner.run(serve(settings, url, router_factory=router_factory))
     except (SchemaMismatchError, ConfigError) as exc:
         logging.getLogger("ws_gateway").error("refusing to start: %s", exc)
         return 2

@@ -147,7 +147,7 @@ class Gateway:
         registry = CollectorRegistry()
         # process_resident_memory_bytes, process_open_fds, …: memory per socket, fd headroom.
         ProcessCollector(registry=registry)
-        stats = Stats(registry)
+        stats = Stats()
         store = GatewayStore(pool)
         # Replays go out in chunks well under the per-socket buffer limit (see Router).
         replay_chunk = max(16 * 1024, settings.socket_buffer_limit // 4)

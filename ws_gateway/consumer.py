@@ -15,7 +15,16 @@ import time
 from typing import Protocol
 
 from replyx.protocol import CloseCode, FrameType
-from ws_gateway.events import BadPayloadError, DialogEvent, PresenceEvent, TeamEvent, parse_event
+from replyx.timing import GatewayStage
+from ws_gateway.events import (
+    DIALOG_PREFIX,
+    BadPayloadError,
+    DialogEvent,
+    PresenceEvent,
+    TeamEvent,
+    age_seconds,
+    parse_event,
+)
 from ws_gateway.metrics import Stats
 from ws_gateway.presence import Presence
 from ws_gateway.router import Router
@@ -106,12 +115,22 @@ class Consumer:
         self.presence = presence
         self.stats = stats
         self.batch = batch
-        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        # (payload, when it was read off the LISTEN connection)
+        self.queue: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        # Messages of the batch being routed: (read, taken, parsed) times, for the stages.
+        self._timed: list[tuple[float, float, float]] = []
 
     def put(self, payload: str) -> None:
-        """The listener's callback: queue and return (parsing and routing happen in the task)."""
-        self.queue.put_nowait(payload)
+        """The listener's callback: queue and return (parsing and routing happen in the task).
+
+        A ``dialog`` event while no inbox is open here is only counted: every message
+        sends one, and no one here would read it.
+        """
+        if payload.startswith(DIALOG_PREFIX) and not self.workspace.wants_dialogs():
+            self.stats.notifications += 1
+            return
+        self.queue.put_nowait((payload, time.time()))
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -132,19 +151,34 @@ class Consumer:
         queue = self.queue
         batch = self.batch
         while True:
-            payload = await queue.get()
+            item = await queue.get()
             deadline = time.monotonic() + BATCH_SECONDS
             batch.open()
             try:
-                await self._handle(payload)
+                await self._handle(*item)
                 while not queue.empty() and time.monotonic() < deadline:
-                    await self._handle(queue.get_nowait())
+                    await self._handle(*queue.get_nowait())
             finally:
                 batch.flush()
+                self._time_batch()
+                self.router.broadcasts.flush()
             await asyncio.sleep(0)
 
-    async def _handle(self, payload: str) -> None:
+    def _time_batch(self) -> None:
+        """Stages of the batch's messages, now that their frames are with the kernel."""
+        timed, self._timed = self._timed, []
+        if not timed:
+            return
+        flushed = time.time()
+        observe = self.stats.stages.observe
+        for received, taken, parsed in timed:
+            observe(taken - received, GatewayStage.QUEUE)
+            observe(parsed - taken, GatewayStage.PARSE)
+            observe(flushed - parsed, GatewayStage.DELIVER)
+
+    async def _handle(self, payload: str, received: float) -> None:
         self.stats.notifications += 1
+        taken = time.time()
         try:
             event = parse_event(payload)
         except BadPayloadError as exc:
@@ -160,6 +194,11 @@ class Consumer:
         if isinstance(event, PresenceEvent):
             self.presence.on_notification(event)
             return
+        if event.kind == FrameType.MESSAGE:
+            self._timed.append((received, taken, time.time()))
+            notified = age_seconds(event.created_at, received)
+            if notified is not None:
+                self.stats.stages.observe(max(notified, 0.0), GatewayStage.NOTIFY)
         try:
             if event.kind == FrameType.MESSAGE_REF:
                 # Reading the row awaits, and other tasks (replays, joins) run meanwhile: what

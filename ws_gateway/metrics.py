@@ -1,30 +1,75 @@
 """The gateway's metrics: plain integers on the hot path, Prometheus families on scrape.
 
-Invariant: nothing on the routing path touches prometheus-client (the lag
-histogram aside). Incrementing a prometheus-client counter takes a lock; at
-hundreds of thousands of frames per second that shows in a profile. The
-router bumps plain attributes of :class:`Stats` instead, and
+Invariant: nothing on the routing path touches prometheus-client. Incrementing
+a prometheus-client counter takes a lock; at hundreds of thousands of frames
+per second that shows in a profile. The router bumps plain attributes of
+:class:`Stats` instead (histograms are :class:`PlainHistogram` counts), and
 :class:`MetricsCollector` turns them into Prometheus metrics only when
 ``/metrics`` is read.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from replyx.protocol import REFUSAL_CODES, SocketKind
+from replyx.timing import GATEWAY_STAGE_METRIC, STAGE_BUCKETS, GatewayStage
 
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+class PlainHistogram:
+    """A histogram kept as plain counts per bucket, optionally one per value of one label.
+
+    An observation is a ``bisect`` and two additions, no lock (prometheus-client's
+    ``Histogram.observe`` takes one): cheap enough for every message. Exported as a
+    Prometheus histogram family when ``/metrics`` is read.
+    """
+
+    def __init__(self, name: str, doc: str, bounds: Iterable[float], *,
+                 label: str | None = None, values: Iterable[str] = ("",)) -> None:
+        self.name, self.doc, self.label = name, doc, label
+        self.bounds = tuple(bounds)
+        self.counts = {value: [0] * (len(self.bounds) + 1) for value in values}
+        self.sums = dict.fromkeys(self.counts, 0.0)
+
+    def observe(self, seconds: float, value: str = "") -> None:
+        self.counts[value][bisect_left(self.bounds, seconds)] += 1
+        self.sums[value] += seconds
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.doc,
+                                       labels=[self.label] if self.label else None)
+        uppers = [repr(bound) for bound in self.bounds] + ["+Inf"]
+        for value, counts in self.counts.items():
+            cumulative, buckets = 0, []
+            for upper, count in zip(uppers, counts, strict=True):
+                cumulative += count
+                buckets.append((upper, cumulative))
+            family.add_metric([value] if self.label else [], buckets, self.sums[value])
+        return family
+
+
 class Stats:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self) -> None:
+        #: Where a message's time goes in the gateway (:mod:`replyx.timing`).
+        self.stages = PlainHistogram(
+            GATEWAY_STAGE_METRIC,
+            "Where a message's time goes in the gateway: notify (created_at to NOTIFY read),"
+            " queue, parse, deliver (parsed to frames handed to the kernel)",
+            STAGE_BUCKETS, label="stage", values=list(GatewayStage),
+        )
         self.frames_sent = 0
         self.frames_replayed = 0
         self.messages_routed = 0
@@ -32,14 +77,15 @@ class Stats:
         self.bad_notifications = 0
         self.slow_consumers_dropped = 0
         self.refused: Counter[str] = Counter()
-        self.lag = Histogram(
+        self.lag = PlainHistogram(
             "replyx_notification_lag_seconds",
             "Time from a message's creation in the database to its routing by the gateway",
-            buckets=LAG_BUCKETS,
-            registry=registry,
+            LAG_BUCKETS,
         )
+        self.last_lag: float | None = None  # of the last message routed, for /health
 
     def observe_lag(self, seconds: float) -> None:
+        self.last_lag = seconds
         self.lag.observe(max(seconds, 0.0))
 
 
@@ -154,6 +200,8 @@ class MetricsCollector(Collector):
         ]
         for name, doc, value in simple:
             yield CounterMetricFamily(name, doc, value=value)
+        yield s.lag.family()
+        yield s.stages.family()
         refused = CounterMetricFamily(
             "replyx_refused_handshakes", "WebSocket connections refused, by close code",
             labels=["code"],

@@ -48,6 +48,7 @@ from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
 from replyx.backoff import Backoff
+from replyx.logs import HeldLines
 from replyx.protocol import CloseCode, FrameType, SocketKind
 from ws_gateway.events import Event, age_seconds
 from ws_gateway.frames import ready_frame, text_frame
@@ -104,9 +105,9 @@ class Router:
         self._tick = 0  # counts routed message events; orders buffer entries against queries
         self._generation = 0  # moves on whenever notifications may have been lost
         self._tasks: set[asyncio.Task[None]] = set()
-        self.last_lag: float | None = None
         # Dialogs still catching up after a listener reconnect; /health is 503 until zero.
         self.resyncing = 0
+        self.broadcasts = HeldLines(log)  # flushed by the consumer once a batch is written
 
     # -- membership ----------------------------------------------------------
 
@@ -170,11 +171,10 @@ class Router:
         self.stats.messages_routed += 1
         lag = age_seconds(event.created_at, time.time())
         if lag is not None:
-            self.last_lag = lag
             self.stats.observe_lag(lag)
         if not subs:
             return
-        log.info(
+        self.broadcasts.add(
             "Broadcasting message dialog_id=%d seq=%d sockets=%d",
             event.dialog_id, event.seq, len(subs),
         )

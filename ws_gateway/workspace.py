@@ -125,6 +125,15 @@ class Workspace:
     def count(self) -> int:
         return sum(len(subs) for subs in self.inboxes_of.values())
 
+    def wants_dialogs(self) -> bool:
+        """Whether a ``dialog`` event could reach anyone here: an inbox is open or joining.
+
+        When none is, dialog events are dropped unread: the tick they would move only
+        orders events against snapshots, and a snapshot starts only after its inbox
+        is pending, so from then on every event is routed again.
+        """
+        return bool(self.inboxes or self.pending)
+
     # -- events ----------------------------------------------------------------------
 
     def route(self, event: DialogEvent) -> None:

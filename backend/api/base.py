@@ -21,7 +21,7 @@ import tornado.httputil
 import tornado.web
 from sqlalchemy import exc as sa_exc
 
-from backend import store, workspace
+from backend import metrics, store, workspace
 from backend.db import Database
 from replyx import security
 from replyx.addresses import client_address, is_direct_loopback, limit_key
@@ -257,7 +257,10 @@ class ApiHandler(JsonHandler):
     ) -> None:
         """Store a message in the principal's dialog and answer 201 with it (the frame)."""
         dialog_id = parse_id(raw_id)
+        request = self.request
+        handled = request.request_time()
         rendered = await store.post_message(self.db, principal, dialog_id, sender, text)
+        metrics.observe_message(handled, request.request_time() - handled)
         if rendered is None:
             raise await self.not_theirs(principal, dialog_id)
         self.write_json_text(rendered, 201)

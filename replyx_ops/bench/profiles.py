@@ -53,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-gateway", type=Path, metavar="DIR", default=None,
                         help="record the servers with py-spy during fan-out"
                         " (collapsed stacks, for speedscope or flamegraph.pl)")
+    parser.add_argument("--rounds", type=int, default=None, metavar="N",
+                        help="instead of the phases: ReplyX and the peer interleaved, N rounds"
+                        " at each of --rates (latency and many-dialogs fan-out)")
+    parser.add_argument("--rates", default="200,1000",
+                        help="msg/s of the rounds, comma-separated (default 200,1000)")
     for name, kind in (
         ("dialogs", int), ("rate", float), ("duration", float), ("busy-sockets", int),
         ("burst", int), ("burst-per-dialog", int), ("idle-sockets", int),

@@ -22,7 +22,7 @@ from ws_gateway.parts import Parts
 def health(parts: Parts) -> dict[str, Any]:
     router = parts.router
     ok = parts.listener.is_up and router.resyncing == 0 and not parts.stopping.is_set()
-    lag = router.last_lag
+    lag = parts.stats.last_lag
     return {
         "status": "ok" if ok else "unavailable",
         "gateway": gateway_name(parts.settings),

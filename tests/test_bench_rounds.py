@@ -1,0 +1,60 @@
+"""`replyx bench --rounds`: ReplyX and the peer interleaved, with the per-stage figures.
+
+Only the shape is checked (and that nothing is lost); the figures are measured by
+the benchmark on a quiet machine, never asserted by the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.fix_db import TEST_JWT_SECRET, child_environ
+
+BIN = Path(sys.executable).parent
+STAGES = ["backend.handler", "backend.commit", "gateway.notify", "gateway.queue",
+          "gateway.parse", "gateway.deliver"]
+
+
+def test_rounds_interleave_both_stacks_and_time_every_stage(
+    tmp_path: Path, database_url: str
+) -> None:
+    env = child_environ(
+        DATABASE_URL=database_url,
+        REPLYX_DATA_DIR=str(tmp_path / "var"),
+        REPLYX_JWT_SECRET=TEST_JWT_SECRET,
+    )
+    result = subprocess.run(
+        [str(BIN / "replyx"), "bench", "--tiny", "--rounds", "2", "--rates", "20", "--json",
+         "--output", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    # Turns alternate: ReplyX, peer, ReplyX, peer.
+    turns = [line.rsplit(": ", 1)[1] for line in result.stderr.splitlines() if "round " in line]
+    assert turns == ["replyx", "peer", "replyx", "peer"]
+
+    rate = report["rates"]["20"]
+    posted = 40  # the tiny profile: 20 msg/s for 2 s in each measured turn
+    for stack in ("replyx", "peer"):
+        side = rate[stack]
+        assert side["lost"] == 0
+        assert len(side["rounds"]) == 2
+        for key in ("p50_ms", "p99_ms", "many_dialogs_frames_per_s"):
+            spread = side[key]
+            assert spread["min"] <= spread["median"] <= spread["max"], (stack, key)
+        for turn in side["rounds"]:
+            assert turn["many_dialogs"]["frames"] == 40 * 2  # 2 per dialog on 20 dialogs x 2
+            assert turn["many_dialogs"]["lost"] == 0
+    assert len(rate["fanout_ratio_per_round"]) == 2
+    # ReplyX's own clocks: every measured message is counted once in every stage.
+    for turn in rate["replyx"]["rounds"]:
+        assert list(turn["stages"]) == STAGES
+        assert all(turn["stages"][s]["count"] == posted for s in STAGES), turn["stages"]
+        assert turn["stages"]["backend.commit"]["p50_ms"] > 0
+    assert list(rate["stages"]) == STAGES
+    assert "peer" in result.stdout and "stages" in result.stdout
+    assert (tmp_path / "out" / f"rounds-{report['date']}.json").exists()
