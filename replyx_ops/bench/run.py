@@ -53,7 +53,7 @@ from replyx_ops.bench.servers import (
     start_gateway,
     start_peer,
 )
-from replyx_ops.bench.sseclient import as_sse
+from replyx_ops.bench.sseclient import Spec, as_sse
 
 __all__ = ["add_arguments", "main"]
 
@@ -129,7 +129,7 @@ class Bench:
 
         ours: dict[str, Any] = {}
         latency_specs = [spec for d in dialogs for spec in tenant.pair(d)]
-        busy_specs = [(busy, tenant.site_path(busy), None)] * work.busy_sockets
+        busy_specs: list[Spec] = [(busy, tenant.site_path(busy), None)] * work.busy_sockets
         ours["latency"] = self.latency_phase(tenant, dialogs, latency_specs, backend_port)
         ours["fanout"] = self.fanout_phase(tenant, dialogs, busy, gateway, "replyx", busy_specs)
         ours["routing"] = self.routing_phase(tenant, dialogs, gateway_port)
