@@ -50,7 +50,7 @@ class CommitResult:
     commits_per_s: float
     notifications_per_s_per_listener: float
     generator_cpu_share: float  # of the whole machine (all cores)
-    postgres_cpu_share: float
+    postgres_cpu_share: float | None  # None: the server is not a process of this machine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +136,8 @@ def table(commits: list[CommitResult], gateways: list[GatewayResult], idle: Idle
     lines = ["listeners  commits/s  notifications/s per listener  generator CPU  Postgres CPU"]
     lines += [f"{r.listeners:>9}  {r.commits_per_s:>9.0f}"
               f"  {r.notifications_per_s_per_listener:>28.0f}"
-              f"  {r.generator_cpu_share:>12.0%}  {r.postgres_cpu_share:>12.0%}" for r in commits]
+              f"  {r.generator_cpu_share:>12.0%}  {_share(r.postgres_cpu_share):>12}"
+              for r in commits]
     lines += ["", notify_gateways.table(gateways, idle)]
     lines.append(f"(CPU shares are of all {CORES} cores)")
     return "\n".join(lines)
@@ -145,16 +146,34 @@ def table(commits: list[CommitResult], gateways: list[GatewayResult], idle: Idle
 # -- phase 1: commits/s against listener count --------------------------------------------
 
 
-def _postgres_cpu() -> float:
-    """CPU seconds of this machine's Postgres so far: live processes, and the backends
-    that ended (their time is in the postmaster's children times once it reaped them)."""
-    total = 0.0
-    for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] not in ("postgres", "postmaster"):
-            continue
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+async def _postmaster(url: str) -> psutil.Process | None:
+    """The postmaster of the server at ``url``, if it runs on this machine (the parent of
+    this session's backend); not any other Postgres that happens to run here."""
+    conn = await asyncpg.connect(url)
+    try:
+        pid = int(await conn.fetchval("SELECT pg_backend_pid()"))
         with contextlib.suppress(psutil.Error):
-            t = proc.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
+            parent = psutil.Process(pid).parent()
+            if parent is not None and parent.name() in ("postgres", "postmaster"):
+                return parent
+    finally:
+        await conn.close()
+    return None
+
+
+def _postgres_cpu(postmaster: psutil.Process) -> float:
+    """CPU seconds of that server so far: the postmaster and its live processes, and the
+    backends that ended (their time is in the postmaster's children times once reaped)."""
+    total = 0.0
+    with contextlib.suppress(psutil.Error):
+        for proc in (postmaster, *postmaster.children()):
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
     return total
 
 
@@ -214,7 +233,9 @@ async def _commit_phase(url: str, listeners: int, writers: int, seconds: float
         finally:
             await conn.close()
 
-    pg_before, cpu_before, wall = _postgres_cpu(), time.process_time(), time.monotonic()
+    postmaster = await _postmaster(url)
+    pg_before = _postgres_cpu(postmaster) if postmaster else 0.0
+    cpu_before, wall = time.process_time(), time.monotonic()
     tasks = [asyncio.ensure_future(write(k)) for k in range(writers)]
     await asyncio.sleep(seconds)
     stop = True
@@ -227,13 +248,14 @@ async def _commit_phase(url: str, listeners: int, writers: int, seconds: float
         await counter.wait_for(target, 30)
     received = [c.count for c in counters]
     cpu = time.process_time() - cpu_before
-    pg = _postgres_cpu() - pg_before
+    pg = _postgres_cpu(postmaster) - pg_before if postmaster else None
     elapsed = time.monotonic() - wall
     for conn in conns:
         await conn.close()
     return CommitResult(listeners, round(done / took, 1),
                         round(sum(received) / listeners / elapsed, 1),
-                        round(cpu / elapsed / CORES, 3), round(pg / elapsed / CORES, 3))
+                        round(cpu / elapsed / CORES, 3),
+                        None if pg is None else round(pg / elapsed / CORES, 3))
 
 
 async def _dialogs(url: str, count: int) -> list[int]:
