@@ -1,4 +1,5 @@
-"""`replyx bench` end to end on a tiny workload: every key is produced and nothing is lost.
+"""`replyx bench` end to end on a tiny workload: every key is produced and nothing is lost,
+over WebSockets and, in the same run, over server-sent events.
 
 Only the shape is checked here; the figures themselves are measured by the
 benchmark on a quiet machine, never asserted by the suite.
@@ -46,6 +47,17 @@ def test_tiny_bench_reports_every_key_and_loses_nothing(tmp_path: Path, database
         assert side["fanout_frames_per_s"] > 0
         assert side["rss_kb_per_socket"] is not None
     assert report["naive_fanout_frames_per_s"] > 0
+
+    # The same latency and fan-out phases over event streams, next to the sockets' numbers.
+    sse = report["sse"]
+    assert sse["sockets"] == 40
+    assert all(sse["latency_ms"][k] > 0 for k in ("p50", "p90", "p99", "max"))
+    assert (sse["lost"], sse["duplicates"], sse["gaps"]) == (0, 0, 0)
+    assert sse["fanout_one_dialog_frames_per_s"] > 0
+    assert sse["fanout_many_dialogs_frames_per_s"] > 0
+    assert sse["fanout_frames_per_s"] > 0 and sse["fanout_vs_ws"] > 0
+    assert {"sse_p99_within_20pct", "sse_fanout_within_20pct"} <= report["targets"].keys()
+    assert "SSE fan-out frames/s" in result.stdout
     assert report["notify_route_per_s"] > 0 and report["pg_commit_per_s"] > 0
 
     # The table and the written files.

@@ -1,5 +1,7 @@
 """`replyx bench`'s NOTIFY ceiling (replyx_ops.bench.notify) in its tiny mode: it runs, under
-60 s, and reports every listener count and both gateway counts with the generator's CPU."""
+60 s, and reports every listener count and both gateway counts with the generator's CPU:
+the dialog latency and the burst with 1 and 2 gateways, nothing lost, and idle sockets
+spread over 2 gateways per GB of their RSS."""
 
 from __future__ import annotations
 
@@ -31,9 +33,27 @@ def test_notify_bench_tiny_reports_every_row(tmp_path: Path, database_url: str) 
     assert all(row["commits_per_s"] > 0 for row in report["commits"])
     # Every listener drained what the commits sent (each message sends at least one NOTIFY).
     assert all(row["notifications_per_s_per_listener"] > 0 for row in report["commits"])
+    # Postgres's CPU is its own server's (None when that server runs on another machine).
+    assert all(row["postgres_cpu_share"] is None or 0 < row["postgres_cpu_share"] <= 1
+               for row in report["commits"])
     assert [row["gateways"] for row in report["gateways"]] == [1, 2]
     for row in report["gateways"]:
         assert row["frames_per_s"] > 0 and row["routed_per_s"] > 0
         assert 0 < row["generator_cpu_share"] <= 1
+        # Commit -> frame at every one of the 200 sockets, compared with the database.
+        assert row["sockets"] == 200
+        assert set(row["latency_ms"]) == {"p50", "p90", "p99", "max"}
+        assert all(row["latency_ms"][k] > 0 for k in row["latency_ms"])
+        assert (row["lost"], row["duplicates"], row["gaps"]) == (0, 0, 0)
+        assert 0 < row["latency_generator_cpu_share"] <= 1
+        assert 0 < row["latency_gateways_cpu_share"] <= 1
+    assert report["lost"] == 0
+    assert report["two_vs_one"]["frames_per_s"] > 0
+    idle = report["idle"]
+    assert idle["gateways"] == 2 and idle["sockets"] == 400
+    assert idle["sockets_per_gateway"] == [200, 200]  # each gateway's own /health count
+    assert idle["rss_mb_after"] > idle["rss_mb_before"] > 0
+    assert idle["sockets_per_gb"] > 0
     assert "commits/s" in result.stdout and "frames/s" in result.stdout
+    assert "commit→frame" in result.stdout and "sockets per GB" in result.stdout
     assert took < 60, took

@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from replyx_ops.bench.sseclient import SseStream, is_sse
 from replyx_ops.bench.wsclient import STAMP_PREFIX, Recorder, Socket, open_socket
 
 
@@ -78,7 +79,10 @@ class SocketWorker:
     async def open(
         self, group: str, specs: list[tuple[int, str, str | None]], concurrency: int = 64
     ) -> dict[str, Any]:
-        """Open ``(dialog_id, path, origin)`` sockets, ``concurrency`` handshakes at a time."""
+        """Open ``(dialog_id, path, origin)`` sockets, ``concurrency`` handshakes at a time.
+
+        A ``/sse/…`` path opens an event stream (:class:`SseStream`), counted alike.
+        """
         if self.recorder is None:
             self.recorder = Recorder()
         recorder = self.recorder
@@ -91,7 +95,8 @@ class SocketWorker:
                 for attempt in range(3):
                     try:
                         sock = await open_socket(
-                            self.host, self.port, path, origin, group, dialog_id, recorder
+                            self.host, self.port, path, origin, group, dialog_id, recorder,
+                            kind=SseStream if is_sse(path) else None,
                         )
                     except (OSError, TimeoutError, Exception) as exc:
                         if attempt == 2:

@@ -8,13 +8,15 @@ Two phases, on a database of its own (:class:`~replyx_ops.bench.servers.BenchDat
    that sent a NOTIFY takes one global lock on the notification queue at COMMIT, and each
    listener must read every notification: commits/s falls as listeners grow.
 2. **gateways** — 1 and then 2 real gateways (``python -m ws_gateway``) with
-   ``--sockets`` sockets spread over them, one burst of ``--burst`` messages on each of
-   ``--dialogs`` dialogs committed at once: notifications routed per second (every gateway
-   routes every notification) and frames written to sockets per second.
+   ``--sockets`` sockets spread over them: the dialog latency (commit → frame) at
+   ``--rate`` messages/s, then one burst of ``--burst`` messages on each of ``--dialogs``
+   dialogs committed at once: notifications routed per second (every gateway routes every
+   notification) and frames written to sockets per second; then ``--idle-sockets`` idle
+   sockets over 2 fresh gateways, per GB of their RSS (:mod:`~replyx_ops.bench.notify_gateways`).
 
-Writers, listeners and sockets run in this process: its CPU share of the machine is
-reported next to each number (on 2 cores the load generator competes with what it
-measures), with Postgres's and the gateways' own CPU.
+Writers and listeners run in this process, sockets in two worker processes: the load
+generator's CPU share of the machine is reported next to each number (on 2 cores it
+competes with what it measures), with Postgres's and the gateways' own CPU.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,8 +36,9 @@ import psutil
 
 from replyx.protocol import NOTIFY_CHANNEL
 from replyx.settings import Settings
-from replyx_ops.bench.servers import BIN, BenchDatabase, Server, Tenant, server_env
-from replyx_ops.bench.wsclient import Recorder, open_socket
+from replyx_ops.bench import notify_gateways
+from replyx_ops.bench.notify_gateways import GatewayBench, GatewayResult, GatewayWork, IdleResult
+from replyx_ops.bench.servers import BenchDatabase, Tenant
 
 LISTENERS = (1, 2, 8, 32, 128)
 CORES = os.cpu_count() or 1
@@ -48,18 +50,7 @@ class CommitResult:
     commits_per_s: float
     notifications_per_s_per_listener: float
     generator_cpu_share: float  # of the whole machine (all cores)
-    postgres_cpu_share: float
-
-
-@dataclass(frozen=True)
-class GatewayResult:
-    gateways: int
-    sockets: int
-    notifications: int
-    routed_per_s: float  # notifications routed, summed over gateways
-    frames_per_s: float
-    generator_cpu_share: float
-    gateways_cpu_share: float
+    postgres_cpu_share: float | None  # None: the server is not a process of this machine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dialogs in the gateway phase (default 200; tiny 40)")
     parser.add_argument("--burst", type=int, default=None,
                         help="messages per dialog in the gateway burst (default 20; tiny 5)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="messages/s in the gateways' latency phase (default 200; tiny 50)")
+    parser.add_argument("--latency-seconds", type=float, default=None,
+                        help="length of the gateways' latency phase (default 10; tiny 2)")
+    parser.add_argument("--idle-sockets", type=int, default=None,
+                        help="idle sockets over 2 gateways, for sockets per GB of RSS"
+                        " (default 20000; tiny 400)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 
@@ -84,6 +82,11 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     sockets = args.sockets or (200 if tiny else 2000)
     dialogs = args.dialogs or (40 if tiny else 200)
     burst = args.burst or (5 if tiny else 20)
+    work = GatewayWork(sockets=sockets, burst=burst, rate=args.rate or (50.0 if tiny else 200.0),
+                       seconds=args.latency_seconds or (2.0 if tiny else 10.0),
+                       warmup=0.5 if tiny else 2.0,
+                       idle_sockets=args.idle_sockets or (400 if tiny else 20_000),
+                       pause=0.5 if tiny else 2.0)
     listeners = [int(n) for n in args.listeners.split(",") if n.strip()]
     started = time.monotonic()
     db = BenchDatabase(settings.database_url, settings.data_dir)
@@ -101,33 +104,41 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         jwt_secret = secrets.token_urlsafe(48)
         tenant = Tenant(db, jwt_secret.encode())
         dialog_ids = tenant.add_dialogs(dialogs, widget_share=0)
-        gateways = [_gateway_phase(settings, db, tenant, jwt_secret, dialog_ids, n, sockets, burst)
-                    for n in (1, 2)]
-        for g in gateways:
-            note(f"{g.gateways} gateway(s): {g.routed_per_s:.0f} routed/s,"
-                 f" {g.frames_per_s:.0f} frames/s")
+        bench = GatewayBench(settings, db, tenant, jwt_secret, dialog_ids, work)
+        try:
+            gateways: list[GatewayResult] = []
+            for n in (1, 2):
+                g = bench.run(n)
+                gateways.append(g)
+                note(f"{n} gateway(s): p99 {g.latency_ms['p99']} ms at {g.rate_msgs_per_s:.0f}"
+                     f" msg/s, {g.routed_per_s:.0f} routed/s, {g.frames_per_s:.0f} frames/s,"
+                     f" generator CPU {g.latency_generator_cpu_share:.0%}/"
+                     f"{g.generator_cpu_share:.0%}, lost {g.lost}")
+            note(f"idle: {work.idle_sockets} sockets over 2 fresh gateways")
+            idle = bench.idle(2)
+        finally:
+            bench.close()
     finally:
         db.drop()
+    lost = sum(g.lost for g in gateways)
     result = {"commits": [asdict(r) for r in commits], "skipped_listeners": skipped,
               "gateways": [asdict(r) for r in gateways],
-              "cores": CORES, "seconds": round(time.monotonic() - started, 1),
-              "writers": args.writers}
-    print(table(commits, gateways))
+              "two_vs_one": notify_gateways.compare(gateways), "idle": asdict(idle),
+              "lost": lost, "cores": CORES, "seconds": round(time.monotonic() - started, 1),
+              "writers": args.writers, "workload": asdict(work)}
+    print(table(commits, gateways, idle))
     if args.json:
         print(orjson.dumps(result).decode())
-    return 0
+    return 0 if lost == 0 else 1
 
 
-def table(commits: list[CommitResult], gateways: list[GatewayResult]) -> str:
+def table(commits: list[CommitResult], gateways: list[GatewayResult], idle: IdleResult) -> str:
     lines = ["listeners  commits/s  notifications/s per listener  generator CPU  Postgres CPU"]
     lines += [f"{r.listeners:>9}  {r.commits_per_s:>9.0f}"
               f"  {r.notifications_per_s_per_listener:>28.0f}"
-              f"  {r.generator_cpu_share:>12.0%}  {r.postgres_cpu_share:>12.0%}" for r in commits]
-    lines += ["", "gateways  sockets  notifications  routed/s (all gateways)  frames/s"
-                  "  generator CPU  gateways CPU"]
-    lines += [f"{r.gateways:>8}  {r.sockets:>7}  {r.notifications:>13}  {r.routed_per_s:>23.0f}"
-              f"  {r.frames_per_s:>8.0f}  {r.generator_cpu_share:>13.0%}"
-              f"  {r.gateways_cpu_share:>12.0%}" for r in gateways]
+              f"  {r.generator_cpu_share:>12.0%}  {_share(r.postgres_cpu_share):>12}"
+              for r in commits]
+    lines += ["", notify_gateways.table(gateways, idle)]
     lines.append(f"(CPU shares are of all {CORES} cores)")
     return "\n".join(lines)
 
@@ -135,16 +146,34 @@ def table(commits: list[CommitResult], gateways: list[GatewayResult]) -> str:
 # -- phase 1: commits/s against listener count --------------------------------------------
 
 
-def _postgres_cpu() -> float:
-    """CPU seconds of this machine's Postgres so far: live processes, and the backends
-    that ended (their time is in the postmaster's children times once it reaped them)."""
-    total = 0.0
-    for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] not in ("postgres", "postmaster"):
-            continue
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+async def _postmaster(url: str) -> psutil.Process | None:
+    """The postmaster of the server at ``url``, if it runs on this machine (the parent of
+    this session's backend); not any other Postgres that happens to run here."""
+    conn = await asyncpg.connect(url)
+    try:
+        pid = int(await conn.fetchval("SELECT pg_backend_pid()"))
         with contextlib.suppress(psutil.Error):
-            t = proc.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
+            parent = psutil.Process(pid).parent()
+            if parent is not None and parent.name() in ("postgres", "postmaster"):
+                return parent
+    finally:
+        await conn.close()
+    return None
+
+
+def _postgres_cpu(postmaster: psutil.Process) -> float:
+    """CPU seconds of that server so far: the postmaster and its live processes, and the
+    backends that ended (their time is in the postmaster's children times once reaped)."""
+    total = 0.0
+    with contextlib.suppress(psutil.Error):
+        for proc in (postmaster, *postmaster.children()):
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
     return total
 
 
@@ -204,7 +233,9 @@ async def _commit_phase(url: str, listeners: int, writers: int, seconds: float
         finally:
             await conn.close()
 
-    pg_before, cpu_before, wall = _postgres_cpu(), time.process_time(), time.monotonic()
+    postmaster = await _postmaster(url)
+    pg_before = _postgres_cpu(postmaster) if postmaster else 0.0
+    cpu_before, wall = time.process_time(), time.monotonic()
     tasks = [asyncio.ensure_future(write(k)) for k in range(writers)]
     await asyncio.sleep(seconds)
     stop = True
@@ -217,13 +248,14 @@ async def _commit_phase(url: str, listeners: int, writers: int, seconds: float
         await counter.wait_for(target, 30)
     received = [c.count for c in counters]
     cpu = time.process_time() - cpu_before
-    pg = _postgres_cpu() - pg_before
+    pg = _postgres_cpu(postmaster) - pg_before if postmaster else None
     elapsed = time.monotonic() - wall
     for conn in conns:
         await conn.close()
     return CommitResult(listeners, round(done / took, 1),
                         round(sum(received) / listeners / elapsed, 1),
-                        round(cpu / elapsed / CORES, 3), round(pg / elapsed / CORES, 3))
+                        round(cpu / elapsed / CORES, 3),
+                        None if pg is None else round(pg / elapsed / CORES, 3))
 
 
 async def _dialogs(url: str, count: int) -> list[int]:
@@ -241,77 +273,6 @@ async def _dialogs(url: str, count: int) -> list[int]:
     finally:
         await conn.close()
     return [int(r["id"]) for r in rows]
-
-
-# -- phase 2: 1 and 2 gateways -------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _gateway_phase(settings: Settings, db: BenchDatabase, tenant: Tenant, jwt_secret: str,
-                   dialog_ids: list[int], count: int, sockets: int, burst: int
-                   ) -> GatewayResult:
-    log_dir = settings.data_dir / "bench" / "notify"
-    servers: list[Server] = []
-    try:
-        for i in range(count):
-            port = _free_port()
-            env = server_env(db.url, settings.data_dir / "bench", jwt_secret,
-                             GATEWAY_PORT=str(port), REPLYX_GATEWAY_NAME=f"gateway-{i + 1}")
-            servers.append(Server(f"notify-gateway-{i + 1}", [str(BIN / "python"), "-m",
-                                  "ws_gateway"], env, log_dir, f"http://127.0.0.1:{port}/health"))
-        for server in servers:
-            server.wait_healthy()
-        ports = [int(s.health_url.rsplit(":", 1)[1].split("/")[0]) for s in servers]
-        return asyncio.run(_burst(db, tenant, dialog_ids, servers, ports, sockets, burst))
-    finally:
-        for server in servers:
-            server.stop()
-
-
-async def _burst(db: BenchDatabase, tenant: Tenant, dialog_ids: list[int],
-                 servers: list[Server], ports: list[int], sockets: int,
-                 burst: int) -> GatewayResult:
-    recorder = Recorder()
-    opened = []
-    for i in range(sockets):
-        dialog_id = dialog_ids[i % len(dialog_ids)]
-        port = ports[i % len(ports)]  # spread as nginx's upstream would
-        opened.append(await open_socket("127.0.0.1", port, tenant.admin_path(dialog_id), None,
-                                        "notify", dialog_id, recorder))
-    expected = sockets * burst
-    frames_before = recorder.frames
-    gw_before = sum(s.cpu_seconds() for s in servers)
-    # The sockets stamp frames with time.time().
-    cpu_before, wall, wall_clock = time.process_time(), time.monotonic(), time.time()
-    conn = await asyncpg.connect(db.url)
-    try:
-        await conn.execute(
-            "INSERT INTO messages (dialog_id, sender, text)"
-            " SELECT d, 'system', 'burst' FROM generate_series(1, $1) i, unnest($2::bigint[]) d"
-            " ORDER BY i, d", burst, dialog_ids)
-    finally:
-        await conn.close()
-    deadline = time.monotonic() + 120
-    while recorder.frames - frames_before < expected and time.monotonic() < deadline:
-        await recorder.wait_change(0.5)
-    took = max(recorder.last_frame_at - wall_clock, 1e-6)
-    elapsed = time.monotonic() - wall
-    cpu = time.process_time() - cpu_before
-    gw = sum(s.cpu_seconds() for s in servers) - gw_before
-    for sock in opened:
-        if sock.transport is not None:
-            sock.transport.close()
-    notifications = len(dialog_ids) * burst
-    return GatewayResult(
-        len(servers), sockets, notifications,
-        round(notifications * len(servers) / took, 1),
-        round((recorder.frames - frames_before) / took, 1),
-        round(cpu / elapsed / CORES, 3), round(gw / elapsed / CORES, 3))
 
 
 def note(message: str) -> None:

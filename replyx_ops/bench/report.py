@@ -11,6 +11,8 @@ from typing import Any
 P99_TARGET_MS = 25.0
 FANOUT_VS_NAIVE = 3.0
 RSS_TARGET_KB = 30.0
+#: SSE next to WebSocket in the same run: fan-out at least 80 %, p99 at most 120 %.
+SSE_WITHIN = 0.20
 
 
 def targets(r: dict[str, Any]) -> dict[str, bool | None]:
@@ -69,6 +71,17 @@ def table(r: dict[str, Any]) -> str:
         (f"RSS kB per idle socket ({_fmt(r['idle_sockets'])})", _fmt(r["rss_kb_per_socket"]),
          "", _fmt(peer.get("rss_kb_per_socket")), "< 30"),
     ]
+    sse = r.get("sse")
+    if sse is not None:
+        rows += [
+            ("SSE latency p50 / p99 ms", f"{_fmt(sse['latency_ms']['p50'])} /"
+             f" {_fmt(sse['latency_ms']['p99'])}", "", "", f"p99 ≤ {_fmt(sse['p99_limit_ms'])}"
+             " (WS +20 %)"),
+            ("SSE fan-out frames/s", _fmt(sse["fanout_frames_per_s"]), "", "",
+             f"≥ {_fmt(sse['fanout_floor'])} (WS -20 %)"),
+            ("SSE lost, duplicates, gaps",
+             f"{sse['lost']}, {sse['duplicates']}, {sse['gaps']}", "", "", "0"),
+        ]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = []
     for index, row in enumerate(rows):
@@ -182,4 +195,36 @@ def summarise(ours: dict[str, Any], naive_fan: dict[str, Any],
         }
         result["detail"]["peer"] = peer
     result["targets"] = targets(result)
+    if "sse" in ours:
+        result["sse"] = sse_block(ours["sse"], result)
+        result["lost"] += result["sse"]["lost"]
+        result["targets"]["sse_lost_zero"] = result["sse"]["lost"] == 0
+        result["targets"].update(result["sse"]["targets"])
     return result
+
+
+def sse_block(sse: dict[str, Any], ws: dict[str, Any]) -> dict[str, Any]:
+    """The SSE phases' headline numbers, each next to the WebSocket one of the same run."""
+    lat, fan = sse["latency"], sse["fanout"]
+    ws_p99, p99 = ws["latency_ms"]["p99"], lat["latency_ms"]["p99"]
+    limit = round(ws_p99 * (1 + SSE_WITHIN), 2) if ws_p99 is not None else None
+    floor = round(ws["fanout_frames_per_s"] * (1 - SSE_WITHIN))
+    return {
+        "latency_ms": lat["latency_ms"],
+        "sockets": lat["sockets"],
+        "rate_msgs_per_s": lat["rate_msgs_per_s"],
+        "lost": lat["lost"] + fan["lost"],
+        "duplicates": lat["duplicates"],
+        "gaps": lat["gaps"],
+        "fanout_frames_per_s": fan["frames_per_s"],
+        "fanout_one_dialog_frames_per_s": fan["one_dialog"]["frames_per_s"],
+        "fanout_many_dialogs_frames_per_s": fan["many_dialogs"]["frames_per_s"],
+        "p99_vs_ws": round(p99 / ws_p99, 2) if p99 is not None and ws_p99 else None,
+        "fanout_vs_ws": round(fan["frames_per_s"] / max(ws["fanout_frames_per_s"], 1), 2),
+        "p99_limit_ms": limit,
+        "fanout_floor": floor,
+        "targets": {
+            "sse_p99_within_20pct": p99 is not None and limit is not None and p99 <= limit,
+            "sse_fanout_within_20pct": fan["frames_per_s"] >= floor,
+        },
+    }

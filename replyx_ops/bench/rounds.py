@@ -31,8 +31,8 @@ from typing import Any
 from replyx.settings import Settings
 from replyx_ops.bench.load import Process, SocketPool, poster_main
 from replyx_ops.bench.measure import Progress, free_port, machine_info
+from replyx_ops.bench.phases import Phases
 from replyx_ops.bench.profiles import workload_from
-from replyx_ops.bench.run import Bench
 from replyx_ops.bench.servers import BenchDatabase, Tenant, start_backend, start_gateway, start_peer
 from replyx_ops.bench.stages import StageProbe, describe
 
@@ -40,7 +40,7 @@ STACKS = ("replyx", "peer")
 Spec = tuple[int, str, str | None]
 
 
-class Rounds(Bench):
+class Rounds(Phases):
     def run_rounds(self, rounds: int, rates: Sequence[float]) -> dict[str, Any]:
         work, say = self.work, self.progress
         self.db = BenchDatabase(self.settings.database_url, self.settings.data_dir)
@@ -215,4 +215,4 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(143)  # unwind through Bench.running() to stop the servers
+    raise SystemExit(143)  # unwind through Phases.running() to stop the servers

@@ -47,8 +47,8 @@ from replyx.settings import Settings
 from replyx_ops.bench.inboxload import Spec, WorkspacePool
 from replyx_ops.bench.load import Process, poster_main
 from replyx_ops.bench.measure import Progress, free_port, machine_info, percentiles
+from replyx_ops.bench.phases import Phases
 from replyx_ops.bench.profiles import RESULTS, Workload
-from replyx_ops.bench.run import Bench
 from replyx_ops.bench.servers import BenchDatabase, start_backend, start_gateway
 from replyx_ops.bench.workspace_report import pg_counters, pg_rates, save, summarise, table
 
@@ -151,7 +151,7 @@ def _ids(conn: psycopg.Connection[Any], sql: str, params: tuple[Any, ...]) -> li
     return [int(row[0]) for row in conn.execute(sql, params).fetchall()]
 
 
-class WorkspaceBench(Bench):
+class WorkspaceBench(Phases):
     def __init__(self, settings: Settings, scenario: Scenario, progress: Progress,
                  keep_database: bool) -> None:
         super().__init__(settings, Workload(load_workers=scenario.load_workers), progress,
@@ -304,7 +304,7 @@ def scenario_from(args: argparse.Namespace) -> Scenario:
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(143)  # unwind through Bench.running() to stop the servers
+    raise SystemExit(143)  # unwind through Phases.running() to stop the servers
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:

@@ -29,6 +29,9 @@ class HandshakeError(Exception):
 class Socket(asyncio.Protocol):
     """One dialog socket. ``ready`` resolves with the ``ready`` frame's ``last_seq``."""
 
+    #: The status line of a successful opening (an SSE twin expects ``200``).
+    OPENED = b" 101 "
+
     def __init__(self, group: str, dialog_id: int, recorder: Recorder) -> None:
         self.group = group
         self.dialog_id = dialog_id
@@ -58,7 +61,7 @@ class Socket(asyncio.Protocol):
                 return
             status = bytes(self.buffer[:end]).split(b"\r\n", 1)[0]
             del self.buffer[: end + 4]
-            if b" 101 " not in status + b" ":
+            if self.OPENED not in status + b" ":
                 self._fail(HandshakeError(status.decode(errors="replace")))
                 return
             self.upgraded = True
@@ -129,6 +132,21 @@ class Socket(asyncio.Protocol):
             if not self.ready.done():
                 self.ready.set_result(data["last_seq"])
 
+    def request(self, host: str, port: int, path: str, origin: str | None) -> bytes:
+        """The opening request: a WebSocket upgrade."""
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            f"GET {path} HTTP/1.1",
+            f"Host: {host}:{port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+        ]
+        if origin:
+            lines.append(f"Origin: {origin}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
     def _send(self, opcode: int, payload: bytes) -> None:
         """Client frames are masked (RFC 6455 5.3); only control frames are sent here."""
         if self.transport is None or self.transport.is_closing():
@@ -189,25 +207,14 @@ async def open_socket(
     recorder: Recorder, timeout: float = 30.0,  # noqa: ASYNC109
     kind: type[Socket] | None = None,
 ) -> Socket:
-    """Connect, upgrade, and wait for the ``ready`` frame (``kind``: a Socket subclass)."""
+    """Connect, open, and wait for the ``ready`` frame (``kind``: a Socket subclass)."""
     loop = asyncio.get_running_loop()
     sock: Socket
     factory = kind or Socket
     transport, sock = await asyncio.wait_for(
         loop.create_connection(lambda: factory(group, dialog_id, recorder), host, port), timeout
     )
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET {path} HTTP/1.1",
-        f"Host: {host}:{port}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-    ]
-    if origin:
-        lines.append(f"Origin: {origin}")
-    transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    transport.write(sock.request(host, port, path, origin))
     try:
         await asyncio.wait_for(asyncio.shield(sock.ready), timeout)
     except BaseException:
