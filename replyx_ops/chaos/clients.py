@@ -149,8 +149,9 @@ class Subscriber:
         if self._task is None:
             return
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
+        # Bounded (a task that swallowed its cancellation once hung the soak's loop), and
+        # without suppress(CancelledError), which hid the caller's own cancellation.
+        await asyncio.wait({self._task}, timeout=10)
         for session in self.sessions:
             with contextlib.suppress(Exception):
                 await session.close()

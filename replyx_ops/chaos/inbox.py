@@ -58,8 +58,7 @@ class InboxWatcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await asyncio.wait({self._task}, timeout=10)
         for session in self.sessions:
             with contextlib.suppress(Exception):
                 await session.close()
