@@ -228,6 +228,11 @@ class DialogClient:
                     return
                 await asyncio.sleep(backoff.next())
                 continue
+            if self._stopped():
+                # close() came during the handshake, when there was nothing to close yet:
+                # this connection must not stay open, unread, counted by the server.
+                self._conn.close()
+                return
             self.connects += 1
             self._ready.clear()
             got_ready = await self._read(self._conn)
