@@ -172,9 +172,15 @@ class DialogClient:
             await self._wait_change(remaining)
 
     async def _wait_change(self, timeout: float) -> None:  # noqa: ASYNC109
+        # asyncio.wait, not wait_for: on Python 3.11, wait_for returns the inner result
+        # when the caller's cancellation lands in the same iteration as the change, and the
+        # cancelled waiter would go on waiting (tests/test_client_cancel.py).
         self._changed.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+        change = asyncio.ensure_future(self._changed.wait())
+        try:
+            await asyncio.wait({change}, timeout=timeout)
+        finally:
+            change.cancel()
 
     def _notify(self) -> None:
         self._changed.set()
@@ -222,6 +228,11 @@ class DialogClient:
                     return
                 await asyncio.sleep(backoff.next())
                 continue
+            if self._stopped():
+                # close() came during the handshake, when there was nothing to close yet:
+                # this connection must not stay open, unread, counted by the server.
+                self._conn.close()
+                return
             self.connects += 1
             self._ready.clear()
             got_ready = await self._read(self._conn)

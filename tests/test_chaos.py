@@ -1,9 +1,10 @@
 """`replyx chaos`: the seeded schedule, the checker's arithmetic, and one real soak.
 
 The soak runs the real command for a minute against the real stack (``replyx
-run``: supervisord, 4 gunicorn workers, the gateway, nginx, an embedded
+run``: supervisord, 4 gunicorn workers, two gateways behind nginx, an embedded
 Postgres of its own behind the soak's proxy) with every fault kind injected at
-least once, and must find nothing: no frame lost, duplicated or reordered.
+least once, sockets and SSE streams of every kind, and must find nothing: no
+frame lost, duplicated or reordered, no stale inbox entry, no ghost presence.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from pathlib import Path
 import pytest
 
 from replyx_client.dialog import Frame
-from replyx_ops.chaos import checker
-from replyx_ops.chaos.clients import KINDS, ChaosDialogClient, Subscriber, Tenancy
+from replyx_ops.chaos import checker, presence
+from replyx_ops.chaos.clients import ChaosDialogClient, Population, Subscriber
 from replyx_ops.chaos.faults import FAULTS, KIND_SPECS
-from replyx_ops.chaos.run import supports_gateways
-from replyx_ops.chaos.schedule import make_schedule
+from replyx_ops.chaos.kinds import KINDS, Tenancy
+from replyx_ops.chaos.schedule import make_schedule, minimum_each
 from replyx_ops.chaos.writers import WriteLog
 from tests.fix_db import child_environ, cluster_dir
 
@@ -62,15 +63,12 @@ def test_the_command_prints_the_seeds_schedule(tmp_path: Path) -> None:
     assert printed == [e.as_dict() for e in make_schedule(SOAK_SEED, 60, KIND_SPECS)]
 
 
-@pytest.mark.skipif(supports_gateways(), reason="the stack runs several gateways now")
-def test_more_than_one_gateway_is_refused_with_a_clear_message(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [str(BIN / "replyx"), "chaos", "--minutes", "1", "--gateways", "2"],
-        env=child_environ(REPLYX_DATA_DIR=str(tmp_path)),
-        capture_output=True, text=True, timeout=60, check=False,
-    )
-    assert result.returncode == 2
-    assert "REPLYX_GATEWAYS" in result.stderr and "--gateways 1" in result.stderr
+@pytest.mark.parametrize("seed", [7, 15, 2026])
+def test_ten_minutes_schedule_every_kind_at_least_five_times(seed: int) -> None:
+    assert (minimum_each(60), minimum_each(600)) == (1, 5)
+    events = make_schedule(seed, 600, KIND_SPECS)
+    counts = {kind: sum(1 for e in events if e.kind == kind) for kind in FAULTS}
+    assert min(counts.values()) >= 5, counts
 
 
 # -- the checker -------------------------------------------------------------------------------
@@ -80,15 +78,21 @@ def _row(seq: int) -> checker.Row:
     return checker.Row(100 + seq, "system", checker.digest(f"m{seq}"), f"m{seq}")
 
 
-def _subscriber(frames: list[list[dict[str, object]]], since: int | None = 0) -> Subscriber:
-    """A subscriber of dialog 7 whose sessions received ``frames`` (never connected)."""
+def _subscriber(frames: list[list[dict[str, object]]], since: int | None = 0,
+                kind: str = "site", dialog_id: int = 7, user_id: int | None = None,
+                connected: bool = False) -> Subscriber:
+    """A subscriber whose sessions received ``frames`` (connected now, or never)."""
     tenancy = Tenancy(tenant=None, ws_base="ws://", jwt_secret=b"x" * 32)  # type: ignore[arg-type]
-    sub = Subscriber("site-1", KINDS["site"], 7, since, tenancy)
+    name = "site-1" if kind == "site" else f"{kind}-{dialog_id}-{user_id}"
+    sub = Subscriber(name, KINDS[kind], dialog_id, since, tenancy,
+                     user_id=user_id)
     for session_frames in frames:
         session = ChaosDialogClient("ws://unused")
         for data in session_frames:
             session.frames.append(Frame(data, time.time()))
         sub.sessions.append(session)
+    if connected:
+        sub.sessions[-1].connects = 1
     return sub
 
 
@@ -154,6 +158,45 @@ def test_checker_wants_the_tail_at_the_end_and_only_a_prefix_before() -> None:
     assert midway.ok
 
 
+# -- presence ---------------------------------------------------------------------------------
+
+
+def _told(sub_kind: str, dialog_id: int, value: object, user_id: int | None = None,
+          connected: bool = True) -> Subscriber:
+    ready = {"type": "ready", "dialog_id": dialog_id, "last_seq": 0}
+    key = "visitor_online" if sub_kind == "admin" else "operators_online"
+    return _subscriber([[ready, {"type": "presence", key: value}]], kind=sub_kind,
+                       dialog_id=dialog_id, user_id=user_id, connected=connected)
+
+
+def test_presence_is_checked_against_the_sockets_open_and_ghosts_are_counted() -> None:
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    population = Population(None, [7, 8], None)  # type: ignore[arg-type]
+    # Operators 1 and 2 have an admin socket open; operator 3's closed. Dialog 7's visitor
+    # is on the page; dialog 8's left.
+    population.subscribers = [
+        _told("admin", 7, True, user_id=1), _told("admin", 8, False, user_id=2),
+        _told("admin", 8, True, user_id=3, connected=False),
+        _told("widget", 7, 2), _told("widget", 8, 0, connected=False),
+    ]
+    state = presence.open_state(population, [])
+    assert state == presence.OpenState(frozenset({1, 2}), frozenset({7}))
+    assert presence.divergences(population, [], state) == []
+    # What a gateway that still counts the closed sockets would say: ghosts.
+    population.subscribers[0] = _told("admin", 7, True, user_id=1)
+    population.subscribers[1] = _told("admin", 8, True, user_id=2)  # the visitor who left
+    population.subscribers[3] = _told("widget", 7, 3)  # operator 3, gone
+    found = presence.divergences(population, [], state)
+    assert [(d["kind"], d["key"], d["expected"], d["told"]) for d in found] == [
+        ("ghost", "visitor_online[8]", False, True), ("ghost", "operators_online", 2, 3)]
+    # Told less than is open, or nothing after the last ready: missing.
+    population.subscribers[3] = _subscriber(
+        [[{"type": "presence", "operators_online": 2}, {"type": "ready", "dialog_id": 7}]],
+        kind="widget", connected=True)
+    assert [d["kind"] for d in presence.divergences(population, [], state)] == [
+        "ghost", "missing"]
+
+
 # -- the soak ----------------------------------------------------------------------------------
 
 
@@ -166,8 +209,8 @@ def test_one_minute_soak_with_every_fault_loses_nothing(tmp_path: Path) -> None:
         env = child_environ(REPLYX_DATA_DIR=str(data_dir))
         started = time.monotonic()
         result = subprocess.run(
-            [str(BIN / "replyx"), "chaos", "--minutes", "1", "--seed", str(SOAK_SEED), "--json",
-             "--out", str(out)],
+            [str(BIN / "replyx"), "chaos", "--minutes", "1", "--seed", str(SOAK_SEED),
+             "--gateways", "2", "--json", "--out", str(out)],
             env=env, capture_output=True, text=True, timeout=400, check=False,
         )
         wall = time.monotonic() - started
@@ -183,8 +226,20 @@ def test_one_minute_soak_with_every_fault_loses_nothing(tmp_path: Path) -> None:
     assert report["messages_checked"] > report["rows"] > 100
     assert report["sockets"]["token_renewals"] >= 1  # a panel met 4001 and logged in again
     assert report["writes"]["rolled_back"] > 0 and report["writes"]["acked_missing"] == 0
-    assert report["health_end"] == {"gateway": 200, "backend": 200, "nginx": 200} or (
-        "nginx" not in report["health_end"])
+    # Two gateways ran behind nginx and were healthy at the end; the gateway faults hit them.
+    assert report["gateways"] == 2
+    assert {k: v for k, v in report["health_end"].items() if k != "nginx"} == {
+        "gateway-1": 200, "gateway-2": 200, "backend": 200}
+    assert report["health_end"].get("nginx", 200) == 200
+    hit = {e["detail"]["gateway"] for e in report["schedule"]
+           if e["kind"].startswith("gateway_sig") and e["outcome"] == "injected"}
+    assert hit and hit <= {"gateway-1", "gateway-2"}
+    # SSE streams of every kind were checked like sockets.
+    by_kind = report["messages_checked_by_kind"]
+    assert all(by_kind.get(f"{kind}/sse", 0) > 0 for kind in ("admin", "widget", "site"))
+    # Presence equalled the sockets open at the end, as every open socket was told.
+    assert report["presence"]["final_checked"] and report["presence"]["observers_checked"] > 10
+    assert report["ghost_presence"] == report["missing_presence"] == 0
     assert sorted(p.suffix for p in out.iterdir()) == [".json", ".png"]
     assert json.loads(Path(report["files"]["json"]).read_text())["seed"] == SOAK_SEED
     assert "seed 15" in result.stderr  # the schedule is printed before the soak

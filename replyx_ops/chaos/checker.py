@@ -94,6 +94,8 @@ class Verdict:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
     divergences: list[Divergence] = field(default_factory=list)
     messages_checked: int = 0
+    #: Frames checked by socket kind and transport (``admin``, ``widget/sse``…).
+    by_kind: dict[str, int] = field(default_factory=dict)
     subscribers_checked: int = 0
     not_caught_up: list[str] = field(default_factory=list)
     gave_up: dict[str, Any] = field(default_factory=dict)
@@ -135,7 +137,7 @@ def check_subscriber(sub: Subscriber, received: list[Received], truth: Truth, ve
 
     def diverge(kind: str, r: Received | None, expected: Any, got: Any, **ctx: Any) -> None:
         verdict.add(Divergence(
-            kind, r.at if r is not None else time.time(), sub.name, sub.kind.name,
+            kind, r.at if r is not None else time.time(), sub.name, sub.label,
             sub.dialog_id, r.session if r is not None else None, expected, got,
             {"since": sub.since, "start_seq": start, **ctx},
         ))
@@ -143,6 +145,7 @@ def check_subscriber(sub: Subscriber, received: list[Received], truth: Truth, ve
     for index, r in enumerate(received):
         data = r.data
         verdict.messages_checked += 1
+        verdict.by_kind[sub.label] = verdict.by_kind.get(sub.label, 0) + 1
         seq = data.get("seq")
         recent = [x.data.get("seq") for x in received[max(0, index - 4):index]]
         if data.get("dialog_id") != sub.dialog_id:
@@ -209,10 +212,10 @@ def check_other_frames(sub: Subscriber, verdict: Verdict) -> None:
         data = r.data
         dialog_id = data.get("dialog_id")
         if dialog_id is not None and dialog_id != sub.dialog_id:
-            verdict.add(Divergence("foreign", r.at, sub.name, sub.kind.name, sub.dialog_id,
+            verdict.add(Divergence("foreign", r.at, sub.name, sub.label, sub.dialog_id,
                                    r.session, {"dialog_id": sub.dialog_id}, data))
         elif data.get("type") == "typing" and "seq" in data:
-            verdict.add(Divergence("mismatch", r.at, sub.name, sub.kind.name, sub.dialog_id,
+            verdict.add(Divergence("mismatch", r.at, sub.name, sub.label, sub.dialog_id,
                                    r.session, "a typing frame without seq", data))
 
 

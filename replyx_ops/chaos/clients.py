@@ -8,10 +8,11 @@ a new credential (the operator panel re-issues its JWT), a new session resumes
 from the last ``seq``. What it received is the concatenation of every session's
 frames, which the checker compares with the database.
 
-A socket kind is a small class (:class:`SocketKind` subclasses): the URL and
-origin of its endpoint, which dialogs it may open, and whether a ``4001`` can be
-cured. The inbox and SSE streams, when they exist, are new kinds here (with their
-own check; the inbox, whose view is a state rather than a stream, is :mod:`.inbox`).
+Each subscriber reads one endpoint (:mod:`.kinds`) over a WebSocket or over its
+server-sent events twin (``transport="sse"``, resuming with ``Last-Event-ID`` as a
+browser's EventSource does); the checker treats both alike. What it was last told
+about presence is kept per connection for :mod:`.presence`. The inbox, whose view
+is a state rather than a stream, is :mod:`.inbox`.
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ from typing import Any
 
 from tornado.websocket import WebSocketClientConnection
 
-from replyx import security
 from replyx.protocol import CloseCode
 from replyx_client import DialogClient
-from replyx_ops.bench.servers import Tenant
+from replyx_ops.chaos.kinds import KINDS, SocketKind, Tenancy
 
 
 class Gate:
@@ -84,68 +84,6 @@ class ChaosDialogClient(DialogClient):
 
 
 @dataclass
-class Tenancy:
-    """What kinds need to build URLs: the tenant, where sockets go, how tokens are issued."""
-
-    tenant: Tenant
-    ws_base: str
-    jwt_secret: bytes
-    token_ttl: int = 3600
-
-    def operator_token(self, ttl: int | None = None) -> str:
-        return security.issue_operator_token(self.tenant.user_id, self.jwt_secret,
-                                             ttl or self.token_ttl)
-
-
-class SocketKind:
-    """One endpoint. Subclasses set ``name`` and build URLs."""
-
-    name = ""
-    #: A 4001 can be cured by a new credential (the panel logs in again).
-    renewable = False
-    origin: str | None = None
-
-    def accepts(self, tenancy: Tenancy, dialog_id: int) -> bool:
-        return True
-
-    def url(self, tenancy: Tenancy, dialog_id: int, token_ttl: int | None = None) -> str:
-        raise NotImplementedError
-
-
-class AdminKind(SocketKind):
-    name = "admin"
-    renewable = True
-
-    def url(self, tenancy: Tenancy, dialog_id: int, token_ttl: int | None = None) -> str:
-        token = tenancy.operator_token(token_ttl)
-        return f"{tenancy.ws_base}/ws/dialogs/{dialog_id}?token={token}"
-
-
-class WidgetKind(SocketKind):
-    name = "widget"
-    origin = Tenant.ORIGIN
-
-    def accepts(self, tenancy: Tenancy, dialog_id: int) -> bool:
-        return dialog_id in tenancy.tenant.guest_tokens
-
-    def url(self, tenancy: Tenancy, dialog_id: int, token_ttl: int | None = None) -> str:
-        return tenancy.ws_base + tenancy.tenant.widget_path(dialog_id)
-
-
-class SiteKind(SocketKind):
-    name = "site"
-
-    def accepts(self, tenancy: Tenancy, dialog_id: int) -> bool:
-        return dialog_id not in tenancy.tenant.guest_tokens
-
-    def url(self, tenancy: Tenancy, dialog_id: int, token_ttl: int | None = None) -> str:
-        return tenancy.ws_base + tenancy.tenant.site_path(dialog_id)
-
-
-KINDS: dict[str, SocketKind] = {k.name: k for k in (AdminKind(), WidgetKind(), SiteKind())}
-
-
-@dataclass
 class Received:
     """One message frame as a subscriber got it."""
 
@@ -165,6 +103,9 @@ class Subscriber:
     tenancy: Tenancy
     #: Seconds it stays (a burst client); ``None``: until the end of the soak.
     lifetime: float | None = None
+    transport: str = "ws"
+    #: The operator an admin socket logs in as (``None``: the tenant's owner).
+    user_id: int | None = None
     gate: Gate = field(default_factory=Gate)
     sessions: list[ChaosDialogClient] = field(default_factory=list)
     renewals: int = 0
@@ -184,8 +125,8 @@ class Subscriber:
         try:
             while True:
                 session = ChaosDialogClient(
-                    self.kind.url(self.tenancy, self.dialog_id),
-                    origin=self.kind.origin, since=since,
+                    self.kind.url(self.tenancy, self.dialog_id, user_id=self.user_id),
+                    origin=self.kind.origin, since=since, transport=self.transport,
                 )
                 session.gate = self.gate
                 self.sessions.append(session)
@@ -208,8 +149,9 @@ class Subscriber:
         if self._task is None:
             return
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
+        # Bounded (a task that swallowed its cancellation once hung the soak's loop), and
+        # without suppress(CancelledError), which hid the caller's own cancellation.
+        await asyncio.wait({self._task}, timeout=10)
         for session in self.sessions:
             with contextlib.suppress(Exception):
                 await session.close()
@@ -217,6 +159,34 @@ class Subscriber:
             self.ended_at = time.time()
 
     # -- what it saw -----------------------------------------------------------------------
+
+    @property
+    def label(self) -> str:
+        """The kind, and the transport when it is not a WebSocket: ``admin``, ``widget/sse``."""
+        return self.kind.name + ("" if self.transport == "ws" else f"/{self.transport}")
+
+    @property
+    def operator(self) -> int | None:
+        """The operator an admin socket makes online; ``None`` for the other kinds."""
+        if self.kind.name != "admin":
+            return None
+        return self.user_id if self.user_id is not None else self.tenancy.tenant.user_id
+
+    def presence_told(self) -> Any:
+        """What the current connection was last told about presence: ``operators_online``
+        (widget, site) or ``visitor_online`` (admin); ``None`` before its first presence frame
+        (each connection gets one right after ``ready``)."""
+        current = self.current
+        if current is None:
+            return None
+        told = None
+        for frame in list(current.frames):
+            kind = frame.data.get("type")
+            if kind == "ready":
+                told = None
+            elif kind == "presence":
+                told = frame.data.get("visitor_online", frame.data.get("operators_online"))
+        return told
 
     @property
     def current(self) -> ChaosDialogClient | None:
@@ -244,7 +214,7 @@ class Subscriber:
         current = self.current
         if current is None or not self.kind.renewable:
             return
-        current.url = self.kind.url(self.tenancy, self.dialog_id, ttl)
+        current.url = self.kind.url(self.tenancy, self.dialog_id, ttl, self.user_id)
         current.drop()
 
     @property
@@ -298,26 +268,41 @@ class Population:
         self.rng = rng
         self.subscribers: list[Subscriber] = []
         self._count = 0
+        #: The widget dialog without a steady visitor (see :meth:`populate`).
+        self.coming_and_going: int | None = None
 
     def add(self, kind: str, dialog_id: int, since: int | None,
-            lifetime: float | None = None) -> Subscriber:
+            lifetime: float | None = None, transport: str = "ws",
+            user_id: int | None = None) -> Subscriber:
         self._count += 1
-        sub = Subscriber(f"{kind}-{self._count}", KINDS[kind], dialog_id, since, self.tenancy,
-                         lifetime=lifetime)
+        name = f"{kind}{'' if transport == 'ws' else '-' + transport}-{self._count}"
+        sub = Subscriber(name, KINDS[kind], dialog_id, since, self.tenancy,
+                         lifetime=lifetime, transport=transport, user_id=user_id)
         self.subscribers.append(sub)
         return sub
 
     def populate(self, extra_admins: int = 2, slow_reader: float = 0.05) -> None:
-        """Per dialog: an operator panel and the visitor's widget or the site integration;
-        a few more panels that join "from now on" (``since`` unset)."""
+        """Per dialog: an operator panel and the visitor's widget or the site integration,
+        except one widget dialog whose visitor only comes and goes (bursts: its
+        ``visitor_online`` moves); a few more panels that join "from now on" (``since``
+        unset); one stream of each kind over SSE."""
+        widget_dialogs = [d for d in self.dialog_ids if KINDS["widget"].accepts(self.tenancy, d)]
+        self.coming_and_going = widget_dialogs[-1] if len(widget_dialogs) > 1 else None
         for dialog_id in self.dialog_ids:
             self.add("admin", dialog_id, 0)
-            side = "widget" if KINDS["widget"].accepts(self.tenancy, dialog_id) else "site"
-            self.add(side, dialog_id, 0)
+            side = "widget" if dialog_id in widget_dialogs else "site"
+            if dialog_id != self.coming_and_going:
+                self.add(side, dialog_id, 0)
         for dialog_id in self.rng.sample(self.dialog_ids, min(extra_admins, len(self.dialog_ids))):
             self.add("admin", dialog_id, None)
         # A reader that is always a little slow (a busy tab on a weak phone).
         self.add("admin", self.rng.choice(self.dialog_ids), 0).gate.per_frame = slow_reader
+        # Browsers on networks that block WebSockets: every kind once over server-sent events.
+        for kind in KINDS.values():
+            dialogs = [d for d in self.dialog_ids if kind.accepts(self.tenancy, d)
+                       and d != self.coming_and_going]
+            if dialogs:
+                self.add(kind.name, self.rng.choice(dialogs), 0, transport="sse")
 
     async def start_all(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         for sub in self.subscribers:
@@ -351,7 +336,10 @@ class Population:
             start = rng.choice(("zero", "recent", "now"))
             known = last_seqs(dialog_id) or 0
             since = {"zero": 0, "recent": max(0, known - rng.randint(0, 5)), "now": None}[start]
-            sub = self.add(kind, dialog_id, since, lifetime=round(rng.uniform(0.05, 3.0), 2))
+            transport = rng.choice(("ws", "ws", "sse"))
+            user_id = rng.choice(self.tenancy.operators) if kind == "admin" else None
+            sub = self.add(kind, dialog_id, since, lifetime=round(rng.uniform(0.05, 3.0), 2),
+                           transport=transport, user_id=user_id)
             sub.start()
             made.append(sub)
         return made

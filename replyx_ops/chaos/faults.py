@@ -3,7 +3,7 @@
 A fault's :meth:`Fault.inject` runs as its own task at the scheduled time and
 returns a short description of what it did (which pid, which sockets); it may
 last (a blackhole, a stalled reader) and overlap any other fault. New kinds
-(a second gateway, an inbox socket) are new classes in :data:`FAULTS`.
+are new classes in :data:`FAULTS`.
 """
 
 from __future__ import annotations
@@ -66,28 +66,27 @@ async def _wait_pid(lookup: Any, timeout: float = TARGET_WAIT) -> int:  # noqa: 
 
 
 class GatewayKill(Fault):
-    """SIGKILL of the gateway: no close frames; supervisord starts it again."""
+    """SIGKILL of one gateway (of N: which one is the event's seeded pick): no close frames;
+    supervisord starts it again, and its sockets resume on any gateway nginx picks."""
 
     spec = KindSpec("gateway_sigkill", exclusive=True)
     sig = signal.SIGKILL
 
     async def inject(self, soak: Soak, event: FaultEvent, rng: random.Random) -> dict[str, Any]:
+        name = rng.choice(sorted(soak.stack.gateway_ports))
         for _ in range(3):
-            pids = await asyncio.to_thread(soak.stack.gateway_pids)
-            if not pids:
-                pids = [await _wait_pid(soak.stack.gateway_pids)]
-            pid = rng.choice(pids)
+            pid = await _wait_pid(lambda: soak.stack.gateway_processes().get(name))
             try:
                 os.kill(pid, self.sig)
             except ProcessLookupError:
                 await asyncio.sleep(0.5)  # it died a moment ago (another fault): the next one
                 continue
-            return {"pid": pid}
-        raise FaultSkipped("the gateway kept dying before the signal")
+            return {"gateway": name, "pid": pid}
+        raise FaultSkipped(f"{name} kept dying before the signal")
 
 
 class GatewayTerm(GatewayKill):
-    """SIGTERM of the gateway: every socket closed with 1012, then supervisord restarts it."""
+    """SIGTERM of one gateway: its sockets closed with 1012, then supervisord restarts it."""
 
     spec = KindSpec("gateway_sigterm", exclusive=True)
     sig = signal.SIGTERM

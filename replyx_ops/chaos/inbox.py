@@ -5,7 +5,8 @@ An :class:`InboxWatcher` is an operator panel's workspace over the whole soak: a
 and, on ``4001``, gets a new token as a panel would. At the end its view must
 equal the database: for every dialog of the soak, ``last_seq``, both read marks
 and ``unread`` as the ``dialogs`` row has them. A dialog whose entry differs (or
-is missing) is a *stale inbox entry*.
+is missing) is a *stale inbox entry*. A watcher reads ``/ws/inbox`` or, with ``transport="sse"``,
+its ``/sse/inbox`` twin; each entry's ``visitor_online`` is checked by :mod:`.presence`.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import psycopg
 
 from replyx.protocol import CloseCode
 from replyx_client.inbox import InboxClient
-from replyx_ops.chaos.clients import Tenancy
+from replyx_ops.chaos.kinds import Tenancy
 
 
 @dataclass
 class InboxWatcher:
     name: str
     tenancy: Tenancy
+    transport: str = "ws"
     sessions: list[InboxClient] = field(default_factory=list)
     renewals: int = 0
     gave_up: tuple[int | None, str | None] | None = None
@@ -39,7 +41,7 @@ class InboxWatcher:
 
     async def _run(self) -> None:
         while True:
-            session = InboxClient(self.url())
+            session = InboxClient(self.url(), transport=self.transport)
             self.sessions.append(session)
             with contextlib.suppress(Exception):
                 await session.connect(timeout=1e6)
@@ -56,8 +58,7 @@ class InboxWatcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await asyncio.wait({self._task}, timeout=10)
         for session in self.sessions:
             with contextlib.suppress(Exception):
                 await session.close()
@@ -69,6 +70,13 @@ class InboxWatcher:
 
     def view(self) -> dict[int, tuple[int, int, int, int]]:
         return self.sessions[-1].view() if self.sessions else {}
+
+    def visitors_shown(self) -> dict[int, object]:
+        """``dialog id → visitor_online`` as the current session's entries show it."""
+        current = self.sessions[-1] if self.sessions else None
+        if current is None:
+            return {}
+        return {d: e.get("visitor_online") for d, e in list(current.dialogs.items())}
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -51,7 +51,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes[2].set_ylabel("sockets")
     axes[2].legend(fontsize=7, loc="upper right")
     axes[3].plot(t, [_num(r["rss_mb"]) for r in rows], lw=1, color="tab:green")
-    axes[3].set_ylabel("gateway\nRSS MiB")
+    axes[3].set_ylabel("gateways'\nRSS MiB")
     axes[3].set_xlabel("seconds since the soak started (orange: gateway /health not 200)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -1,5 +1,10 @@
 """The soak's report: one JSON object (file and, with ``--json``, the last stdout line) and a
-PNG timeline of faults against notification lag, sockets and gateway memory."""
+PNG timeline of faults against notification lag, sockets and gateway memory.
+
+``ok`` is true only when every check passed: delivery, writes, every gateway's
+``/health`` at the end, memory, faults (none failed, every kind injected at least
+:func:`~replyx_ops.chaos.schedule.minimum_each` times), inbox views and presence.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from replyx_ops.chaos.checker import COUNTS
+from replyx_ops.chaos.faults import FAULTS
+from replyx_ops.chaos.schedule import minimum_each
 
 if TYPE_CHECKING:
-    from replyx_ops.chaos.soak import Sample, Soak
+    from replyx_ops.chaos.monitor import Sample
+    from replyx_ops.chaos.soak import Soak
 
 #: A gateway whose RSS grows faster than this over a stretch of at least RSS_MIN_SPAN fails.
 RSS_SLOPE_LIMIT_MB_PER_MIN = 20.0
@@ -27,8 +35,9 @@ def rss_summary(samples: list[Sample]) -> dict[str, Any]:
     """RSS by gateway process (pids change at each restart); the slope of the longest life."""
     lives: dict[int, list[tuple[float, float]]] = {}
     for s in samples:
-        if s.pid is not None and s.rss is not None:
-            lives.setdefault(s.pid, []).append((s.t, s.rss / 2**20))
+        for pid, rss in s.gateways.values():
+            if rss is not None:
+                lives.setdefault(pid, []).append((s.t, rss / 2**20))
     if not lives:
         return {"processes": 0, "ok": False}
     longest = max(lives.values(), key=lambda pts: pts[-1][0] - pts[0][0])
@@ -60,6 +69,9 @@ def build(soak: Soak, started: float, minutes: float) -> dict[str, Any]:
         by_kind[done.event.kind][done.outcome] += 1
     faults = {kind: {k: c.get(k, 0) for k in ("scheduled", "injected", "skipped", "error")}
               for kind, c in sorted(by_kind.items())}
+    least = minimum_each(plan.soak_seconds)
+    short = {kind: faults.get(kind, {}).get("injected", 0) for kind in FAULTS
+             if faults.get(kind, {}).get("injected", 0) < least}
     injected = {k: v["injected"] for k, v in faults.items()}
     t0 = soak.t0
     outcomes = {r.event.index: r for r in soak.injected}
@@ -76,23 +88,35 @@ def build(soak: Soak, started: float, minutes: float) -> dict[str, Any]:
         })
     counts = verdict.counts if verdict else dict.fromkeys(COUNTS, 0)
     first = verdict.first() if verdict else None
-    first_dict = None
-    if first is not None:
-        at = first.at - t0
-        first_dict = {
-            **first.as_dict(t0), "seed": plan.seed,
+    repro = (f"replyx chaos --minutes {minutes:g} --seed {plan.seed}"
+             + (f" --gateways {plan.gateways}" if plan.gateways != 1 else ""))
+
+    def context(at: float, before: float = 10.0) -> dict[str, Any]:
+        """The faults around ``at`` (seconds since the soak started), and how to replay."""
+        return {
+            "seed": plan.seed,
             "faults_active": [e["kind"] + f"#{e['index']}" for e in schedule
                               if e["started"] is not None and e["started"] <= at
                               <= (e["ended"] or e["started"]) + 0.5],
             "faults_before": [f"{e['kind']}#{e['index']}@{e['started']}" for e in schedule
-                              if e["started"] is not None and at - 10 <= e["started"] <= at],
-            "repro": f"replyx chaos --minutes {minutes:g} --seed {plan.seed}",
+                              if e["started"] is not None and at - before <= e["started"] <= at],
+            "repro": repro,
         }
+
+    first_dict = None
+    if first is not None:
+        first_dict = {**first.as_dict(t0), **context(first.at - t0)}
     subs = soak.population.subscribers
     codes = Counter(str(c) for s in subs for c in s.close_codes())
     lags = [s.lag_ms for s in soak.samples if s.lag_ms is not None]
     rss = rss_summary(soak.samples)
     health_end = soak.result.get("health_end", {})
+    presence: dict[str, Any] = soak.presence.summary() if soak.presence is not None else {
+        "ghost_presence": 0, "missing_presence": 0, "final_checked": False}
+    if presence.get("first_divergence"):
+        # A ghost is a socket counted after it closed: the faults of the last 30 s made it.
+        found = presence["first_divergence"]
+        presence["first_divergence"] = {**found, **context(found["t"], 30.0)}
     writes_check = soak.result.get("writes_check", {})
     checks = {
         "delivery": bool(verdict and verdict.ok),
@@ -100,13 +124,14 @@ def build(soak: Soak, started: float, minutes: float) -> dict[str, Any]:
         and writes_check.get("rolled_back_committed") == 0,
         "health_end": bool(health_end) and all(v == 200 for v in health_end.values()),
         "rss": bool(rss.get("ok")),
-        "faults": not any(v["error"] for v in faults.values()),
+        "faults": not any(v["error"] for v in faults.values()) and not short,
         "inbox": not (soak.result.get("inbox") or {}).get("stale_entries")
         and not (soak.result.get("inbox") or {}).get("gave_up"),
+        "presence": presence["final_checked"] and not presence["ghost_presence"]
+        and not presence["missing_presence"],
     }
     return {
-        "command": f"replyx chaos --minutes {minutes:g} --seed {plan.seed}"
-                   + (f" --gateways {plan.gateways}" if plan.gateways != 1 else ""),
+        "command": repro,
         "seed": plan.seed,
         "date": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "soak_s": plan.soak_seconds,
@@ -119,13 +144,19 @@ def build(soak: Soak, started: float, minutes: float) -> dict[str, Any]:
         "gave_up": verdict.gave_up if verdict else {},
         "first_divergence": first_dict,
         "stale_inbox": (soak.result.get("inbox") or {}).get("stale_entries", 0),
+        "ghost_presence": presence["ghost_presence"],
+        "missing_presence": presence["missing_presence"],
+        "presence": presence,
         "inbox": soak.result.get("inbox"),
         "checkpoint_divergence": soak.result.get("checkpoint_divergence"),
         "messages_checked": verdict.messages_checked if verdict else 0,
+        "messages_checked_by_kind": dict(sorted(verdict.by_kind.items())) if verdict else {},
         "rows": soak.result.get("rows"),
         "writes": {**soak.writes.summary(), **writes_check},
         "faults_injected": injected,
         "faults_total": sum(injected.values()),
+        "faults_minimum_each": least,
+        "faults_short": short,
         "faults": faults,
         "sockets": {
             "subscribers": len(subs),
@@ -133,12 +164,13 @@ def build(soak: Soak, started: float, minutes: float) -> dict[str, Any]:
             "burst": len(subs) - len(soak.population.steady()),
             "sessions": sum(len(s.sessions) for s in subs),
             "connects": sum(x.connects for s in subs for x in s.sessions),
+            "by_kind": dict(sorted(Counter(s.label for s in subs).items())),
             "token_renewals": sum(s.renewals for s in subs),
             "close_codes": dict(sorted(codes.items())),
         },
         "gateway": {
             "rss": rss,
-            "restarts": max(0, rss.get("processes", 1) - 1),
+            "restarts": max(0, rss.get("processes", plan.gateways) - plan.gateways),
             "lag_ms_max": round(max(lags), 1) if lags else None,
             "lag_ms_median": round(statistics.median(lags), 1) if lags else None,
             "unhealthy_s": round(0.5 * sum(1 for s in soak.samples if s.status != 200), 1),
@@ -151,8 +183,9 @@ def build(soak: Soak, started: float, minutes: float) -> dict[str, Any]:
                   else "DATABASE_URL", "settings": plan.stack_env,
                   "run_dir": str(soak.run_dir)},
         "schedule": schedule,
-        # Every half second: t, gateway /health status, notification lag (ms), the gateway's
-        # socket count, our connected sockets, gateway RSS (MiB).
+        # Every half second: t, gateway /health status (200 when every gateway's is), the
+        # worst notification lag (ms), the gateways' socket count, our connected sockets,
+        # the gateways' RSS together (MiB).
         "timeline_fields": ["t", "status", "lag_ms", "gateway_sockets", "connected", "rss_mb"],
         "timeline": [
             [round(x.t, 2), x.status, x.lag_ms, x.gateway_sockets, x.connected,

@@ -2,10 +2,11 @@
 
 :func:`make_schedule` is a pure function of the seed, the soak's length and the
 fault kinds: the same three give the same list, which the report records and
-prints, so a failing run can be replayed. Every kind appears at least once
-(spread over the soak in a seeded order); the rest are drawn at random times and
-overlap freely, except that a kind marked *exclusive* never overlaps itself
-(two Postgres crashes at once are one crash).
+prints, so a failing run can be replayed. Every kind appears at least
+:func:`minimum_each` times (once a minute, five times in ten minutes), spread over the
+soak in a seeded order; the rest are drawn at random times and overlap freely,
+except that a kind marked *exclusive* never overlaps itself (two Postgres
+crashes at once are one crash).
 """
 
 from __future__ import annotations
@@ -14,6 +15,21 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+#: A long soak schedules every kind at least once per this many seconds of its fault window.
+EVERY_KIND = 110.0
+
+
+def fault_window(soak_seconds: float, start: float = 3.0, tail: float = 12.0
+                 ) -> tuple[float, float]:
+    """When faults may run: after ``start``, over by ``soak_seconds - tail``."""
+    return start, max(start + 1.0, soak_seconds - tail)
+
+
+def minimum_each(soak_seconds: float) -> int:
+    """How many times the schedule injects every kind at least (1 a minute, 5 in 10)."""
+    start, end = fault_window(soak_seconds)
+    return max(1, int((end - start) // EVERY_KIND))
 
 
 @dataclass(frozen=True)
@@ -64,12 +80,12 @@ def make_schedule(seed: int, soak_seconds: float, kinds: Sequence[KindSpec], *,
     :param mean_gap: mean time between the extra faults (beyond one of each kind).
     """
     rng = random.Random(f"replyx-chaos-schedule:{seed}")
-    end = max(start + 1.0, soak_seconds - tail)
+    start, end = fault_window(soak_seconds, start, tail)
     window = end - start
     by_name = {k.name: k for k in kinds}
     drafts: list[tuple[float, str]] = []
-    # Once each, in a seeded order, one per slot of the window so that all fit.
-    order = [k.name for k in kinds]
+    # minimum_each() of every kind, in a seeded order, one per slot of the window so all fit.
+    order = [k.name for k in kinds] * max(1, int(window // EVERY_KIND))
     rng.shuffle(order)
     slot = window / max(1, len(order))
     for i, name in enumerate(order):

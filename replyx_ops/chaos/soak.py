@@ -1,4 +1,9 @@
-"""One soak: the stack, the population, the writers, the schedule, checkpoints, the verdict."""
+"""One soak: the stack, the population, the writers, the schedule, checkpoints, the verdict.
+
+Every check reads the truth on its own (the database, our own clients' sockets), never
+from the gateways: delivery (:mod:`.checker`), inbox views (:mod:`.inbox`), presence
+(:mod:`.presence`), acknowledged and rolled-back writes, ``/health`` of every gateway.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +22,12 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from replyx.settings import Settings
 from replyx_ops.bench.servers import Tenant
 from replyx_ops.chaos.checker import Truth, Verdict, check, check_writes
-from replyx_ops.chaos.clients import Population, Received, Tenancy
+from replyx_ops.chaos.clients import Population, Received
 from replyx_ops.chaos.faults import FAULTS, KIND_SPECS, FaultSkipped, apply_proxy_modes
 from replyx_ops.chaos.inbox import InboxWatcher, dialog_states, stale_entries
+from replyx_ops.chaos.kinds import Tenancy
+from replyx_ops.chaos.monitor import Sample, sample_forever
+from replyx_ops.chaos.presence import PresenceCheck
 from replyx_ops.chaos.proxy import LISTENER
 from replyx_ops.chaos.schedule import FaultEvent, make_schedule
 from replyx_ops.chaos.stack import ChaosDatabase, Stack
@@ -60,17 +68,6 @@ class Injected:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class Sample:
-    t: float
-    status: int | None
-    lag_ms: float | None
-    gateway_sockets: int | None
-    connected: int
-    rss: int | None
-    pid: int | None
-
-
 class Soak:
     def __init__(self, settings: Settings, plan: Plan, run_dir: Path,
                  say: Any) -> None:
@@ -97,9 +94,18 @@ class Soak:
         self.sql: SqlWriter
         self.final_verdict: Verdict | None = None
         self.inboxes: list[InboxWatcher] = []
+        self.presence: PresenceCheck | None = None
 
     def known_last_seq(self, dialog_id: int) -> int | None:
         return self.known.get(dialog_id)
+
+    def fault_quiet_for(self) -> float:
+        """Seconds since the last fault ended; 0 while one runs (or before the soak)."""
+        if not self.injected:
+            return time.time() - self.t0 if self.t0 else 0.0
+        if any(r.ended is None for r in self.injected):
+            return 0.0
+        return time.time() - max(r.ended or 0.0 for r in self.injected)
 
     # -- the whole run ----------------------------------------------------------------------
 
@@ -129,6 +135,7 @@ class Soak:
     async def soak(self, dialogs: list[int]) -> None:
         plan = self.plan
         tenancy = Tenancy(self.tenant, self.stack.public_ws, self.stack.jwt_secret.encode())
+        tenancy.add_operator()  # a team member whose panels only come and go (bursts)
         self.population = Population(tenancy, dialogs, random.Random(self.rng.random()))
         self.population.populate()
         prefix = f"c{plan.seed}-{int(time.time()) % 100000}"
@@ -137,14 +144,19 @@ class Soak:
                                self.tenant.operator_token)
         self.sql = SqlWriter(self.writes, random.Random(self.rng.random()), plan.sql_rate,
                              prefix, self.db.url, dialogs)
-        self.inboxes = [InboxWatcher(f"inbox-{i + 1}", tenancy)
+        # The panels' workspaces, every other one over SSE.
+        self.inboxes = [InboxWatcher(f"inbox-{i + 1}", tenancy, "sse" if i % 2 else "ws")
                         for i in range(plan.inboxes)]
         for watcher in self.inboxes:
             watcher.start()
         await self.population.start_all(60)
         self.say(f"{len(self.population.subscribers)} sockets live; soak starts")
         self.t0 = time.time()
-        monitor = asyncio.ensure_future(self.monitor())
+        monitor = asyncio.ensure_future(
+            sample_forever(self.stack, self.population, self.t0, self.samples))
+        self.presence = PresenceCheck(self.population, self.inboxes, self.fault_quiet_for,
+                                      self.t0)
+        self.presence.start()
         self.http.start()
         self.sql.start()
         runner = asyncio.ensure_future(self.run_schedule())
@@ -164,6 +176,7 @@ class Soak:
             await self.settle()
             await self.checkpoint(final=True)
             await self.check_inboxes()
+            await self.check_presence(final=True)
             self.result["writes_check"] = await self.retry_db(
                 lambda: check_writes(self.db.url, self.writes))
             self.result["health_end"] = await self.health_end()
@@ -171,6 +184,7 @@ class Soak:
             monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await monitor
+            await self.presence.stop()
             await self.population.stop_all()
             for watcher in self.inboxes:
                 await watcher.stop()
@@ -284,6 +298,17 @@ class Soak:
             first = verdict.first()
             if first is not None:
                 self.result["checkpoint_divergence"] = first.as_dict(self.t0)
+        if not final:
+            await self.check_presence(final=False)
+
+    async def check_presence(self, *, final: bool) -> None:
+        """Presence against the sockets open (:mod:`.presence`): at a checkpoint only when
+        the soak is quiet; at the end, waiting for quiet (a gateway killed in the tail is
+        forgotten within 15 s)."""
+        assert self.presence is not None
+        entry = await self.presence.check(final=final, wait=45.0 if final else 0.0)
+        if entry is not None:
+            self.say(f"  presence t={entry['t']}s: {entry}")
 
     async def check_inboxes(self) -> None:
         """Every inbox view must equal the dialogs' rows (waiting a little for the last
@@ -329,8 +354,8 @@ class Soak:
     async def health_end(self) -> dict[str, Any]:
         client = AsyncHTTPClient(force_instance=True)
         out: dict[str, Any] = {}
-        urls = {"gateway": f"{self.stack.gateway_http}/health",
-                "backend": f"{self.stack.backend_http}/health"}
+        urls = {name: f"{url}/health" for name, url in self.stack.gateway_urls().items()}
+        urls["backend"] = f"{self.stack.backend_http}/health"
         if self.stack.nginx:
             urls["nginx"] = f"{self.stack.public_http}/health"
         for name, url in urls.items():
@@ -342,33 +367,3 @@ class Soak:
                 out[name] = f"{type(exc).__name__}"
         client.close()
         return out
-
-    # -- the timeline ----------------------------------------------------------------------------
-
-    async def monitor(self) -> None:
-        client = AsyncHTTPClient(force_instance=True)
-        try:
-            while True:
-                started = time.time()
-                status: int | None = None
-                lag: float | None = None
-                sockets: int | None = None
-                try:
-                    response = await client.fetch(
-                        HTTPRequest(f"{self.stack.gateway_http}/health", request_timeout=2),
-                        raise_error=False)
-                    status = response.code if response.code != 599 else None
-                    if response.body and status is not None:
-                        health = orjson.loads(response.body)
-                        lag = health.get("notification_lag_ms")
-                        sockets = health.get("sockets")
-                except Exception:  # noqa: S110 - a down gateway is a sample too
-                    pass
-                pids = await asyncio.to_thread(self.stack.gateway_pids)
-                pid = pids[0] if pids else None
-                self.samples.append(Sample(
-                    started - self.t0, status, lag, sockets, self.population.connected(),
-                    self.stack.rss_bytes(pid) if pid else None, pid))
-                await asyncio.sleep(max(0.05, 0.5 - (time.time() - started)))
-        finally:
-            client.close()

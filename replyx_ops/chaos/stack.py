@@ -11,14 +11,18 @@
   proxy; it classifies connections by ``application_name`` (see :mod:`.proxy`) so
   faults hit the gateway while the backend keeps writing.
 * **Processes.** ``replyx run --no-demo`` as a subprocess on free ports with its own
-  data dir: supervisord, gunicorn with the product's 4 workers, the gateway, nginx
-  when installed. supervisord's XML-RPC socket tells us the current pids.
+  data dir: supervisord, gunicorn with the product's 4 workers, the gateway (with
+  ``gateways`` over 1, that many behind nginx, ``REPLYX_GATEWAYS``, on consecutive
+  free ports and named as :mod:`replyx.gateways` names them), nginx when installed.
+  supervisord's XML-RPC socket tells us the current pids, by gateway name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import random
 import secrets
 import signal
 import subprocess
@@ -32,12 +36,13 @@ import psycopg
 from supervisor.xmlrpc import SupervisorTransport
 
 from replyx import schema
+from replyx.gateways import gateway_names, gateway_ports
 from replyx.pg import EmbeddedPostgres, libpq_url, with_database
 from replyx.settings import Settings
 from replyx_ops.bench.measure import free_port
 from replyx_ops.bench.servers import BenchDatabase
 from replyx_ops.chaos.proxy import PgProxy, postgres_target, via_proxy
-from replyx_ops.stack import ROOT, nginx_available, wait_for
+from replyx_ops.stack import ROOT, nginx_available, port_in_use, wait_for
 
 
 class StackError(RuntimeError):
@@ -76,6 +81,18 @@ class ChaosDatabase(BenchDatabase):
         self.embedded.start()
 
 
+def free_port_run(count: int, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive free ports (the gateways' GATEWAY_PORT..+N-1)."""
+    if count == 1:
+        return free_port()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000 - count)
+        if not any(port_in_use(host, base + i) for i in range(count)):
+            return base
+    raise StackError(f"no {count} consecutive free ports")
+
+
 class Stack:
     """``replyx run --no-demo`` on free ports, behind the proxy, in ``run_dir``."""
 
@@ -87,8 +104,11 @@ class Stack:
         self.db = db
         self.gateways = gateways
         self.nginx = nginx and nginx_available()
-        self.backend_port, self.gateway_port = free_port(), free_port()
+        self.backend_port, self.gateway_port = free_port(), free_port_run(gateways)
         self.nginx_port = free_port()
+        layout = dataclasses.replace(settings, gateways=gateways, gateway_port=self.gateway_port)
+        #: Gateway name → its port, as ``replyx run`` starts them (``gateway`` or ``gateway-i``).
+        self.gateway_ports = dict(zip(gateway_names(layout), gateway_ports(layout), strict=True))
         self.jwt_secret = secrets.token_urlsafe(48)
         self.proxy = PgProxy(postgres_target(db.url))
         self.extra_env = extra_env or {}
@@ -110,7 +130,12 @@ class Stack:
 
     @property
     def gateway_http(self) -> str:
+        """The first gateway (the only one unless ``gateways`` is over 1)."""
         return f"http://127.0.0.1:{self.gateway_port}"
+
+    def gateway_urls(self) -> dict[str, str]:
+        """Every gateway's own address, by name."""
+        return {name: f"http://127.0.0.1:{port}" for name, port in self.gateway_ports.items()}
 
     @property
     def backend_http(self) -> str:
@@ -147,7 +172,8 @@ class Stack:
                 argv, env=self.environ(), cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
-        for url in (f"{self.backend_http}/health", f"{self.gateway_http}/health",
+        for url in (f"{self.backend_http}/health",
+                    *(f"{gateway}/health" for gateway in self.gateway_urls().values()),
                     *([f"{self.public_http}/health"] if self.nginx else [])):
             if not wait_for(url, timeout, self.proc):
                 raise StackError(f"{url} not healthy within {timeout:.0f}s; see {self.log_path}"
@@ -190,14 +216,17 @@ class Stack:
         pid = int(info.get("pid") or 0)
         return pid or None
 
-    def gateway_pids(self) -> list[int]:
-        """Every running gateway (one today; ``gateway*`` programs once there are several)."""
+    def gateway_processes(self) -> dict[str, int]:
+        """Every running gateway: name (``gateway``, ``gateway-1``…) → pid."""
         try:
             infos = self._rpc().supervisor.getAllProcessInfo()
         except (OSError, xmlrpc.client.Fault):
-            return []
-        return sorted(int(info["pid"]) for info in infos
-                      if str(info.get("name", "")).startswith("gateway") and info.get("pid"))
+            return {}
+        return {str(info["name"]): int(info["pid"]) for info in infos
+                if str(info.get("name", "")) in self.gateway_ports and info.get("pid")}
+
+    def gateway_pids(self) -> list[int]:
+        return sorted(self.gateway_processes().values())
 
     def backend_workers(self) -> list[int]:
         master = self.program_pid("backend")
