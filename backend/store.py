@@ -17,7 +17,7 @@ from sqlalchemy import exists, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from backend.db import Database
+from backend.db import Database, driver_sql
 from backend.models import Assistant, AssistantOperator, Dialog, User
 from replyx import security
 from replyx.protocol import NOTIFY_CHANNEL
@@ -270,15 +270,16 @@ THEIR_DIALOG = {
              " WHERE d.id = :dialog_id AND d.guest_token_hash = :principal"
              " AND (CAST(:origin AS text) IS NULL OR a.domains @> ARRAY[CAST(:origin AS text)])",
 }
+# The hot writes run on psycopg directly (Database.write): psycopg's parameter style.
 _POST_MESSAGE = {
-    kind: text(
+    kind: driver_sql(
         "INSERT INTO messages (dialog_id, sender, text)"
         f" SELECT d.id, :sender, :text {source} RETURNING replyx_message_json(messages)"
     )
     for kind, source in THEIR_DIALOG.items()
 }
 _SEND_TYPING = {
-    kind: text(
+    kind: driver_sql(
         f"SELECT pg_notify('{NOTIFY_CHANNEL}', json_build_object("
         "'type', 'typing', 'dialog_id', d.id, 'sender', CAST(:sender AS text))::text)"
         f" {source}"
@@ -301,20 +302,21 @@ async def post_message(
     statement in autocommit: one round trip).
     """
     async with db.write() as conn:
-        rendered: str | None = await conn.scalar(
+        cursor = await conn.execute(
             _POST_MESSAGE[principal.kind],
             {**principal.params(dialog_id), "sender": sender, "text": body},
         )
-        return rendered
+        row = await cursor.fetchone()
+        return None if row is None else str(row[0])
 
 
 async def send_typing(db: Database, principal: Principal, dialog_id: int, sender: str) -> bool:
     """An ephemeral event: sent through NOTIFY on commit, never stored. False: not theirs."""
     async with db.write() as conn:
-        result = await conn.execute(
+        cursor = await conn.execute(
             _SEND_TYPING[principal.kind], {**principal.params(dialog_id), "sender": sender}
         )
-        return result.first() is not None
+        return await cursor.fetchone() is not None
 
 
 async def principal_exists(db: Database, principal: Principal) -> bool:
