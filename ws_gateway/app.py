@@ -29,6 +29,7 @@ from replyx.gateways import gateway_name, listen_port
 from replyx.pg import libpq_url
 from replyx.protocol import GATEWAY_APPLICATION, NOTIFY_CHANNEL, CloseCode, SocketKind
 from replyx.settings import Settings
+from ws_gateway import gctune
 from ws_gateway.consumer import Consumer, WriteBatch
 from ws_gateway.handlers.admin import AdminSocket, AdminStream
 from ws_gateway.handlers.debug import StatusHandler, SyncHandler
@@ -95,6 +96,7 @@ class Gateway:
         except BaseException:
             await pool.close()
             raise
+        parts.stats.gc.install()
         parts.consumer.start()
         await parts.listener.start()
         # After LISTEN is in place: a total published after the presence read is not missed.
@@ -229,6 +231,7 @@ class Gateway:
             await self.server.close_all_connections()
         if parts is None:
             return
+        parts.stats.gc.uninstall()
         await parts.presence.stop()
         await parts.listener.stop()
         await parts.consumer.stop()
@@ -328,6 +331,7 @@ async def serve(
 
     gateway = Gateway(settings, database_url, router_factory=router_factory)
     await gateway.start()
+    gctune.tune()  # this process is the gateway's alone (see ws_gateway/gctune.py)
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

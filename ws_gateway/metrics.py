@@ -10,6 +10,8 @@ per second that shows in a profile. The router bumps plain attributes of
 
 from __future__ import annotations
 
+import gc
+import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -61,8 +63,40 @@ class PlainHistogram:
         return family
 
 
+GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class GcPauses:
+    """How long Python's garbage collector stops the event loop, by generation.
+
+    A full collection walks every object of the process — with thousands of sockets,
+    enough to hold every frame back for a while. ``gc.callbacks`` times each one.
+    """
+
+    def __init__(self) -> None:
+        self.pauses = PlainHistogram(
+            "replyx_gc_pause_seconds",
+            "Garbage collections of the gateway process (the event loop stops meanwhile)",
+            GC_BUCKETS, label="generation", values=("0", "1", "2"))
+        self._started = 0.0
+
+    def install(self) -> None:
+        gc.callbacks.append(self._on_gc)
+
+    def uninstall(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.observe(time.perf_counter() - self._started, str(info["generation"]))
+
+
 class Stats:
     def __init__(self) -> None:
+        self.gc = GcPauses()
         #: Where a message's time goes in the gateway (:mod:`replyx.timing`).
         self.stages = PlainHistogram(
             GATEWAY_STAGE_METRIC,
@@ -202,6 +236,7 @@ class MetricsCollector(Collector):
             yield CounterMetricFamily(name, doc, value=value)
         yield s.lag.family()
         yield s.stages.family()
+        yield s.gc.pauses.family()
         refused = CounterMetricFamily(
             "replyx_refused_handshakes", "WebSocket connections refused, by close code",
             labels=["code"],

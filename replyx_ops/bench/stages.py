@@ -28,15 +28,15 @@ def scrape(url: str) -> str:
         return text
 
 
-def stage_buckets(text: str, metric: str) -> Buckets:
-    """The cumulative buckets of each ``stage`` of histogram ``metric`` in an exposition."""
+def stage_buckets(text: str, metric: str, label: str = "stage") -> Buckets:
+    """The cumulative buckets of each ``label`` value of histogram ``metric`` in an exposition."""
     found: Buckets = {}
     for family in text_string_to_metric_families(text):
         if family.name != metric:
             continue
         for sample in family.samples:
             if sample.name.endswith("_bucket"):
-                found.setdefault(sample.labels["stage"], []).append(
+                found.setdefault(sample.labels[label], []).append(
                     (float(sample.labels["le"]), sample.value))
     for buckets in found.values():
         buckets.sort()
@@ -86,6 +86,21 @@ def summarise(delta: Buckets, order: Iterable[str]) -> dict[str, dict[str, Any]]
 def describe(stages: dict[str, dict[str, Any]]) -> str:
     """``backend.handler 0.41/0.98, …``: each stage's p50/p99 in ms, for a progress line."""
     return ", ".join(f"{name} {v['p50_ms']}/{v['p99_ms']}" for name, v in stages.items())
+
+
+def gc_pauses(before: str, after: str) -> dict[str, dict[str, Any]]:
+    """The gateway's garbage collections between two scrapes: count, and the longest pause
+    (the upper bound of the highest bucket reached), by generation."""
+    metric = "replyx_gc_pause_seconds"
+    delta = difference(stage_buckets(after, metric, "generation"),
+                       stage_buckets(before, metric, "generation"))
+    result = {}
+    for generation, buckets in sorted(delta.items()):
+        count = int(buckets[-1][1]) if buckets else 0
+        longest = next((bound for bound, n in buckets if n >= count), None) if count else None
+        result[generation] = {"collections": count, "longest_under_ms": (
+            None if longest is None else round(longest * 1000, 1))}
+    return result
 
 
 class StageProbe:

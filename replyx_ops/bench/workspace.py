@@ -50,6 +50,7 @@ from replyx_ops.bench.measure import Progress, free_port, machine_info, percenti
 from replyx_ops.bench.phases import Phases
 from replyx_ops.bench.profiles import RESULTS, Workload
 from replyx_ops.bench.servers import BenchDatabase, start_backend, start_gateway
+from replyx_ops.bench.stages import gc_pauses, scrape
 from replyx_ops.bench.workspace_report import pg_counters, pg_rates, save, summarise, table
 
 __all__ = ["add_arguments", "main"]
@@ -173,6 +174,7 @@ class WorkspaceBench(Phases):
         self.backend_port = backend_port
         self.start(start_backend, self.env(), backend_port, log_dir)
         self.gateway = self.start(start_gateway, self.env(), gateway_port, log_dir)
+        self.gateway_metrics = f"http://127.0.0.1:{gateway_port}/metrics"
         self.pool = self.wpool = WorkspacePool(s.load_workers, "127.0.0.1", gateway_port)
         self.poster = Process(poster_main)
 
@@ -229,6 +231,7 @@ class WorkspaceBench(Phases):
         time.sleep(1.0)  # the servers' statistics of what came before are flushed
         counters_before, started = pg_counters(self.db), time.monotonic()
         cpu_before = self.gateway.cpu_seconds()
+        gc_before = scrape(self.gateway_metrics)
         if churn:
             pool.start_churn(s.churn, s.duration)
         posted = self.post(s.duration)
@@ -238,6 +241,7 @@ class WorkspaceBench(Phases):
         inboxes = (pool.inbox_settle(expected, baseline, self.team.owner, 60)
                    if inbox else None)
         cpu = self.gateway.cpu_seconds() - cpu_before
+        gc = gc_pauses(gc_before, scrape(self.gateway_metrics))
         time.sleep(1.0)
         seconds = time.monotonic() - started
         pg = pg_rates(counters_before, pg_counters(self.db), seconds)
@@ -255,6 +259,7 @@ class WorkspaceBench(Phases):
             "gateway_cpu_share": round(cpu / seconds, 3),
             "seconds": round(seconds, 2),
             "pg": pg,
+            "gateway_gc": gc,
         }
         if inboxes is not None:
             out["inbox"] = {
@@ -267,7 +272,7 @@ class WorkspaceBench(Phases):
             out["churn"] = churned
         say(f"  dialog ms {out['dialog_latency_ms']}, lost {out['dialog_lost']},"
             f" gateway CPU {out['gateway_cpu_ms_per_msg']} ms/msg"
-            f" ({out['gateway_cpu_share']:.0%}), pg {pg}")
+            f" ({out['gateway_cpu_share']:.0%}), gc {gc}, pg {pg}")
         if inboxes is not None:
             say(f"  inbox ms {out['inbox']['latency_ms']}, frames {inboxes['frames']},"
                 f" lost {inboxes['lost']}")
