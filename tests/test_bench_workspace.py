@@ -57,4 +57,10 @@ def test_tiny_workspace_bench_reports_every_number_and_loses_nothing(
     for phase in ("dialogs_only", "inbox", "steady", "churn"):
         detail = report["detail"][phase]
         assert detail["dialog_lost"] == 0 and detail["http_errors"] == 0
-        assert _numbers({k: v for k, v in detail.items() if k != "pg"}, phase) == []
+        assert _numbers({k: v for k, v in detail.items() if k not in ("pg", "gateway_gc")},
+                        phase) == []
+        # The gateway's garbage collections in the phase, by generation (none is fine).
+        gc = detail["gateway_gc"]
+        assert sorted(gc) == ["0", "1", "2"]
+        assert all(isinstance(g["collections"], int) and (g["longest_under_ms"] is None)
+                   == (g["collections"] == 0) for g in gc.values()), gc
