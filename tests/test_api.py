@@ -100,6 +100,9 @@ async def test_bad_input_gets_a_4xx_json_error(api: Api, tenant: Tenant) -> None
         ("POST", messages, {"text": "x" * 40_000}, None, 413),
         ("POST", messages, None, b'{"text": "' + b"x" * (1024 * 1024 + 10) + b'"}', 413),
         ("GET", f"{messages}?since=abc", None, None, 400),
+        # Present but empty is not a number either (the document says integer).
+        ("GET", f"{messages}?since=", None, None, 400),
+        ("GET", "/api/dialogs?before=", None, None, 400),
         ("GET", f"{messages}?since=-5", None, None, 400),
         ("GET", f"{messages}?limit=0", None, None, 400),
         ("GET", "/api/dialogs/abc/messages", None, None, 404),

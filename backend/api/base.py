@@ -184,8 +184,8 @@ class ApiHandler(JsonHandler):
 
     def query_int(self, name: str, default: int, *, minimum: int = 0, maximum: int = MAX_ID) -> int:
         raw = self.get_query_argument(name, None)
-        if raw is None or raw == "":
-            return default
+        if raw is None:
+            return default  # absent; present but empty is not a number (400 below)
         value = non_negative_int(raw)
         if value is None:
             raise ApiError(400, f"{name} must be a non-negative integer")
