@@ -19,11 +19,10 @@ pooler). Everything else goes through the SQLAlchemy engine.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import select
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import Any
 
 import psycopg
@@ -72,7 +71,7 @@ class Database:
         )
         self.writes = WritePool(libpq_url(url), connect_args, pool_size + max_overflow)
 
-    def write(self) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+    def write(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
         """``async with db.write() as conn``: an autocommit psycopg connection (one statement,
         one round trip); :func:`driver_sql` turns a ``:name`` statement into its dialect."""
         return self.writes.connection()
@@ -88,7 +87,7 @@ class WritePool:
     A few lines instead of psycopg_pool because a request must fail at once (503)
     when Postgres is down, as the engine's pool does: psycopg_pool keeps a client
     waiting for its whole timeout while it reconnects in the background. Idle
-    connections are checked like the engine's (:func:`_readable`); at most ``size``
+    connections are checked like the engine's (:func:`_alive`); at most ``size``
     are in use at once, and a caller waits up to 5 s for one (then 503, a timeout).
     """
 
@@ -117,7 +116,7 @@ class WritePool:
     async def _take(self) -> psycopg.AsyncConnection[Any]:
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed and not conn.broken and not _readable(conn):
+            if _alive(conn):
                 return conn
             await conn.close()
         return await psycopg.AsyncConnection.connect(self.url, autocommit=True,
@@ -148,21 +147,19 @@ def driver_sql(sql: str) -> str:
 _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 
-def _readable(conn: psycopg.AsyncConnection[Any]) -> bool:
-    """An idle session's socket turns readable only when the server ends it (or writes)."""
+def _alive(conn: psycopg.AsyncConnection[Any] | None) -> bool:
+    """Whether an idle pooled connection may be handed out: open, not broken, and its
+    socket not readable — an idle session's socket turns readable only when the server
+    ends it (shutdown, crash, ``pg_terminate_backend``) or writes to it."""
+    if conn is None or conn.closed or conn.broken:
+        return False
     readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
-    return bool(readable)
+    return not readable
 
 
 def _check_idle(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-    """Pool checkout: refuse a connection the server closed (or wrote to) while it was idle.
-
-    An idle session gets nothing from the server unless the server is ending it
-    (shutdown, crash, ``pg_terminate_backend``): a readable socket means it is gone.
-    SQLAlchemy then discards it and checks out another (or connects anew).
+    """Pool checkout: refuse a connection the server closed (or wrote to) while it was idle
+    (:func:`_alive`); SQLAlchemy then discards it and checks out another (or connects anew).
     """
-    conn = dbapi_connection.driver_connection
-    if conn is None or conn.closed or conn.broken:
-        raise DisconnectionError("connection closed")
-    if _readable(conn):
+    if not _alive(dbapi_connection.driver_connection):
         raise DisconnectionError("the server closed the connection while it was idle")
