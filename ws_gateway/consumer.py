@@ -22,7 +22,6 @@ from ws_gateway.events import (
     DialogEvent,
     PresenceEvent,
     TeamEvent,
-    age_seconds,
     parse_event,
 )
 from ws_gateway.metrics import Stats
@@ -196,9 +195,8 @@ class Consumer:
             return
         if event.kind == FrameType.MESSAGE:
             self._timed.append((received, taken, time.time()))
-            notified = age_seconds(event.created_at, received)
-            if notified is not None:
-                self.stats.stages.observe(max(notified, 0.0), GatewayStage.NOTIFY)
+            if event.created is not None:
+                self.stats.stages.observe(max(received - event.created, 0.0), GatewayStage.NOTIFY)
         try:
             if event.kind == FrameType.MESSAGE_REF:
                 # Reading the row awaits, and other tasks (replays, joins) run meanwhile: what

@@ -52,7 +52,7 @@ class Event:
     seq: int = 0
     message_id: int = 0
     payload: bytes = b""  # the frame's JSON text, for message and typing
-    created_at: str | None = None
+    created: float | None = None  # a message's created_at as a Unix time, when parseable
 
 
 @dataclass(slots=True, frozen=True)
@@ -189,15 +189,14 @@ def parse_event(payload: str | bytes) -> Event | DialogEvent | TeamEvent | Prese
     created_at = data.get("created_at")
     if not isinstance(created_at, str):
         raise BadPayloadError("message without created_at")
-    return Event("message", dialog_id, seq, message_id, raw, created_at)
+    return Event("message", dialog_id, seq, message_id, raw, _unix_time(created_at))
 
 
-def age_seconds(created_at: str | None, now: float) -> float | None:
-    """Seconds from a message's ``created_at`` to ``now`` (a Unix time), if parseable."""
-    if not created_at:
-        return None
+def _unix_time(created_at: str) -> float | None:
+    """A message's ``created_at`` as a Unix time, read once (the stages and the lag use it);
+    ``None`` when unparseable: the message is still routed, only not timed."""
     try:
-        return now - datetime.fromisoformat(created_at).timestamp()
+        return datetime.fromisoformat(created_at).timestamp()
     except ValueError:
         return None
 

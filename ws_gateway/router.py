@@ -50,7 +50,7 @@ from typing import Any, Protocol
 from replyx.backoff import Backoff
 from replyx.logs import HeldLines
 from replyx.protocol import CloseCode, FrameType, SocketKind
-from ws_gateway.events import Event, age_seconds
+from ws_gateway.events import Event
 from ws_gateway.frames import ready_frame, text_frame
 from ws_gateway.limits import ByteBudget
 from ws_gateway.metrics import Stats
@@ -169,9 +169,8 @@ class Router:
             return
         self._tick += 1
         self.stats.messages_routed += 1
-        lag = age_seconds(event.created_at, time.time())
-        if lag is not None:
-            self.stats.observe_lag(lag)
+        if event.created is not None:
+            self.stats.observe_lag(time.time() - event.created)
         if not subs:
             return
         self.broadcasts.add(
