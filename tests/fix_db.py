@@ -18,6 +18,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -51,6 +52,17 @@ def child_environ(**env: str) -> dict[str, str]:
     """
     base = {k: v for k, v in os.environ.items() if k not in DATABASE_VARIABLES}
     return {**base, **env}
+
+
+def run_bench(command: list[str], tmp_path: Path, database_url: str
+              ) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark command as a child: its own data dir under ``tmp_path``, the test
+    JWT key, and ``database_url``'s server, where the bench makes (and drops) a database
+    of its own."""
+    env = child_environ(DATABASE_URL=database_url, REPLYX_DATA_DIR=str(tmp_path / "var"),
+                        REPLYX_JWT_SECRET=TEST_JWT_SECRET)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240,
+                          check=False)
 
 
 def run_async(work: Callable[[], Awaitable[T]]) -> T:

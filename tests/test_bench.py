@@ -8,11 +8,10 @@ benchmark on a quiet machine, never asserted by the suite.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-from tests.fix_db import TEST_JWT_SECRET, child_environ
+from tests.fix_db import run_bench
 
 BIN = Path(sys.executable).parent
 
@@ -20,15 +19,9 @@ LATENCY_KEYS = {"latency_ms", "sockets", "rate_msgs_per_s", "lost", "fanout_fram
 
 
 def test_tiny_bench_reports_every_key_and_loses_nothing(tmp_path: Path, database_url: str) -> None:
-    env = child_environ(
-        # The bench makes (and drops) a database of its own on this server.
-        DATABASE_URL=database_url,
-        REPLYX_DATA_DIR=str(tmp_path / "var"),
-        REPLYX_JWT_SECRET=TEST_JWT_SECRET,
-    )
-    result = subprocess.run(
+    result = run_bench(
         [str(BIN / "replyx"), "bench", "--tiny", "--json", "--output", str(tmp_path / "out")],
-        env=env, capture_output=True, text=True, timeout=240, check=False,
+        tmp_path, database_url,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "latency" in result.stderr  # progress went to stderr

@@ -7,11 +7,10 @@ the benchmark on a quiet machine, never asserted by the suite.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-from tests.fix_db import TEST_JWT_SECRET, child_environ
+from tests.fix_db import run_bench
 
 BIN = Path(sys.executable).parent
 STAGES = ["backend.handler", "backend.commit", "gateway.notify", "gateway.queue",
@@ -21,15 +20,10 @@ STAGES = ["backend.handler", "backend.commit", "gateway.notify", "gateway.queue"
 def test_rounds_interleave_both_stacks_and_time_every_stage(
     tmp_path: Path, database_url: str
 ) -> None:
-    env = child_environ(
-        DATABASE_URL=database_url,
-        REPLYX_DATA_DIR=str(tmp_path / "var"),
-        REPLYX_JWT_SECRET=TEST_JWT_SECRET,
-    )
-    result = subprocess.run(
+    result = run_bench(
         [str(BIN / "replyx"), "bench", "--tiny", "--rounds", "2", "--rates", "20", "--json",
          "--output", str(tmp_path / "out")],
-        env=env, capture_output=True, text=True, timeout=240, check=False,
+        tmp_path, database_url,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

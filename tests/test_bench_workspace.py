@@ -6,12 +6,11 @@ Only the shape is checked; the figures are measured on a quiet machine, never as
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from tests.fix_db import TEST_JWT_SECRET, child_environ
+from tests.fix_db import run_bench
 
 
 def _numbers(value: Any, where: str = "") -> list[str]:
@@ -26,16 +25,11 @@ def _numbers(value: Any, where: str = "") -> list[str]:
 def test_tiny_workspace_bench_reports_every_number_and_loses_nothing(
     tmp_path: Path, database_url: str
 ) -> None:
-    env = child_environ(
-        DATABASE_URL=database_url,
-        REPLYX_DATA_DIR=str(tmp_path / "var"),
-        REPLYX_JWT_SECRET=TEST_JWT_SECRET,
-    )
     out = tmp_path / "out"
-    result = subprocess.run(
+    result = run_bench(
         [sys.executable, "-m", "replyx_ops.bench.workspace", "--tiny", "--json",
          "--output", str(out)],
-        env=env, capture_output=True, text=True, timeout=240, check=False,
+        tmp_path, database_url,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "phase 4, churn" in result.stderr  # progress went to stderr
