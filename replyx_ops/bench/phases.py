@@ -176,25 +176,8 @@ class Phases:
             ("many_dialogs", dialogs, work.burst_per_dialog, ["latency"], 2 * len(dialogs)),
         ]
         for name, ids, per_dialog, groups, sockets in cases:
-            cpu_before = server.cpu_seconds()
-            started = self.burst(tenant, ids, per_dialog, publish)
-            settled = self.pool.settle(groups, tenant.last_seqs(ids), 120)
-            seconds = max(settled["last_frame_at"] - started, 1e-6)
-            cpu = server.cpu_seconds() - cpu_before
-            frames = sockets * per_dialog
-            results[name] = {
-                "frames": frames,
-                "notifications": len(ids) * per_dialog,
-                "seconds": round(seconds, 3),
-                "frames_per_s": round(frames / seconds),
-                "notifications_per_s": round(len(ids) * per_dialog / seconds),
-                "server_cpu_s": round(cpu, 3),
-                # Independent of what else ran on the machine meanwhile.
-                "frames_per_cpu_s": round(frames / cpu) if cpu > 0 else None,
-                "lost": settled["lost"],
-            }
-            say(f"  {name}: {frames} frames in {seconds:.2f}s = {frames / seconds:,.0f}/s,"
-                f" lost {settled['lost']}")
+            results[name] = self.burst_case(tenant, name, ids, per_dialog, groups, sockets,
+                                            publish, server)
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
             profiler.wait(30)
@@ -203,6 +186,34 @@ class Phases:
         results["frames_per_s"] = round(total_frames / total_seconds)
         results["lost"] = sum(r["lost"] for r in results.values() if isinstance(r, dict))
         return results
+
+    def burst_case(self, tenant: Tenant, name: str, ids: list[int], per_dialog: int,
+                   groups: list[str], sockets: int, publish: str | None,
+                   server: Server | None = None) -> dict[str, Any]:
+        """One burst (:meth:`burst`) read to the end by ``sockets`` sockets of ``groups``:
+        frames/s from COMMIT start to the last frame, and ``server``'s CPU meanwhile."""
+        assert self.pool is not None
+        cpu_before = server.cpu_seconds() if server is not None else 0.0
+        started = self.burst(tenant, ids, per_dialog, publish)
+        settled = self.pool.settle(groups, tenant.last_seqs(ids), 120)
+        seconds = max(settled["last_frame_at"] - started, 1e-6)
+        frames = sockets * per_dialog
+        result: dict[str, Any] = {
+            "frames": frames,
+            "notifications": len(ids) * per_dialog,
+            "seconds": round(seconds, 3),
+            "frames_per_s": round(frames / seconds),
+            "notifications_per_s": round(len(ids) * per_dialog / seconds),
+        }
+        if server is not None:
+            cpu = server.cpu_seconds() - cpu_before
+            result["server_cpu_s"] = round(cpu, 3)
+            # Independent of what else ran on the machine meanwhile.
+            result["frames_per_cpu_s"] = round(frames / cpu) if cpu > 0 else None
+        result["lost"] = settled["lost"]
+        self.progress(f"  {name}: {frames} frames in {seconds:.2f}s = {frames / seconds:,.0f}/s,"
+                      f" lost {settled['lost']}")
+        return result
 
     def start_profiler(self, server: Server, label: str) -> Any:
         if self.profile_dir is None:

@@ -97,16 +97,9 @@ class Rounds(Phases):
             conn.execute(f"ALTER TABLE messages {action} TRIGGER messages_notify")
         self.pool.target("127.0.0.1", ws_port)
         result = self.latency_phase(tenant, dialogs, specs, api_port, probe)
-        started = self.burst(tenant, dialogs, self.work.burst_per_dialog,
-                             "dialog_" if stack == "peer" else None)
-        settled = self.pool.settle(["latency"], tenant.last_seqs(dialogs), 120)
-        frames = len(specs) * self.work.burst_per_dialog
-        seconds = max(settled["last_frame_at"] - started, 1e-6)
-        result["many_dialogs"] = {"frames": frames, "seconds": round(seconds, 3),
-                                  "frames_per_s": round(frames / seconds),
-                                  "lost": settled["lost"]}
-        self.progress(f"  many dialogs: {frames} frames in {seconds:.2f}s ="
-                      f" {frames / seconds:,.0f}/s, lost {settled['lost']}")
+        result["many_dialogs"] = self.burst_case(
+            tenant, "many_dialogs", dialogs, self.work.burst_per_dialog, ["latency"], len(specs),
+            "dialog_" if stack == "peer" else None)
         self.pool.close("latency")
         return result
 
