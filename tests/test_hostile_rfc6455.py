@@ -8,13 +8,16 @@ frame on the rest (the client saw 1006), and echoed any close code back (999 inc
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import pytest
 
+from replyx.protocol import CloseCode
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant
 from tests.raw_socket import CLOSE, CONTINUATION, PING, TEXT, RawSocket
+from ws_gateway.app import Gateway
 
 PROTOCOL_ERROR, INVALID_DATA = 1002, 1007
 
@@ -87,3 +90,23 @@ async def test_each_protocol_error_gets_its_close_code_before_the_tcp_close(
     posted = await api.post_site(tenant, dialog_id, "still here")
     await watcher.wait_for_seq(posted["seq"])
     assert watcher.close_codes == [] and watcher.gaps == 0 and watcher.duplicates == 0
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_close_the_gateway_starts_ends_the_connection_once_the_client_answers(
+    api: Api, sockets: Sockets, gateway: Gateway, tenant: Tenant
+) -> None:
+    """RFC 6455 §7.1.1: after both close frames the server drops TCP at once. Before, the
+    client's answer was ignored and the connection (its slot, its place in a shutdown) was
+    held until Tornado's 5 s wait expired, so every SIGTERM took the whole grace."""
+    dialog_id = await api.site_dialog(tenant)
+    raw = await RawSocket.connect(sockets.site_url(tenant, dialog_id))
+    await raw.read_json("ready")
+    stopping = asyncio.ensure_future(gateway.stop())  # 1012 to every socket
+    try:
+        assert await raw.close_code(timeout=10) == CloseCode.RESTARTING
+        await raw.send(CLOSE, close_payload(CloseCode.RESTARTING))
+        assert await raw.ended(timeout=2), "the gateway held the connection after the handshake"
+        await asyncio.wait_for(stopping, 2)  # nothing left to wait for: well within the grace
+    finally:
+        raw.close()

@@ -173,24 +173,32 @@ class FrameLimitedProtocol(tornado.websocket.WebSocketProtocol13):
         return super()._handle_message(opcode, data)
 
     def _handle_close(self, data: bytes) -> None:
-        """Echo a valid close code; answer 1002 (1007) to one the RFC forbids (bad reason)."""
+        """Echo a valid close code; answer 1002 (1007) to one the RFC forbids (bad reason).
+
+        When our close frame went first, the client's is its answer: the handshake is
+        complete and the connection ends now, not when Tornado's 5 s wait for it expires
+        (the handler's ``close`` does nothing the second time).
+        """
         self.client_terminated = True
         self._stop_fragment_timer()
         if len(data) == 1:
-            self.socket_handler.close(CloseCode.PROTOCOL_ERROR, "bad close frame")
-            return
+            return self._answer_close(CloseCode.PROTOCOL_ERROR, "bad close frame")
         if len(data) >= 2:
             code = struct.unpack("!H", data[:2])[0]
             if not valid_close_code(code):
-                self.socket_handler.close(CloseCode.PROTOCOL_ERROR, "bad close code")
-                return
+                return self._answer_close(CloseCode.PROTOCOL_ERROR, "bad close code")
             try:
                 self.close_reason = data[2:].decode("utf-8")
             except UnicodeDecodeError:
-                self.socket_handler.close(CloseCode.INVALID_DATA, "invalid UTF-8")
-                return
+                return self._answer_close(CloseCode.INVALID_DATA, "invalid UTF-8")
             self.close_code = code
-        self.socket_handler.close(self.close_code)
+        return self._answer_close(self.close_code)
+
+    def _answer_close(self, code: int | None, reason: str | None = None) -> None:
+        if self.server_terminated:
+            self.close()  # both sides have sent their close frame: the stream closes
+        else:
+            self.socket_handler.close(code, reason)
 
     def _fragment_expired(self) -> None:
         self._fragment_timer = None
