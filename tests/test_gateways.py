@@ -146,7 +146,10 @@ async def test_three_gateways_share_sockets_and_a_killed_one_costs_only_its_own(
     elsewhere = sum(after[key] != "gateway-2" for key in movers)
     log.warning("after the kill: %s; %d of %d moved sockets on the other gateways",
                 totals_after, elsewhere, len(movers))
-    assert elsewhere >= 0.9 * len(movers), totals_after
+    # Its clients resume on the others: nginx skips the dead gateway for fail_timeout (10 s).
+    # supervisord restarts it meanwhile, and a client still retrying after that (backing off
+    # from a busy gateway's 1013) may land on it again, least_conn's emptiest: most, not all.
+    assert elsewhere > len(movers) // 2, totals_after
 
     # Each gateway names itself in its metrics and its own log file.
     code, metrics = await get_text(f"http://127.0.0.1:{stack.gateway_port + 2}/metrics")
