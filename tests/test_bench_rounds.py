@@ -32,7 +32,7 @@ def test_rounds_interleave_both_stacks_and_time_every_stage(
     assert turns == ["replyx", "peer", "replyx", "peer"]
 
     rate = report["rates"]["20"]
-    posted = 40  # the tiny profile: 20 msg/s for 2 s in each measured turn
+    posted = 20  # the tiny profile: 20 msg/s for 1 s in each measured turn
     for stack in ("replyx", "peer"):
         side = rate[stack]
         assert side["lost"] == 0

@@ -31,7 +31,7 @@ PROFILES = {
     "full": Workload(),
     "quick": Workload(dialogs=1000, duration=20.0, warmup=3.0, burst=50, burst_per_dialog=10,
                       commit_seconds=5.0),
-    "tiny": Workload(dialogs=20, rate=20.0, duration=2.0, warmup=0.5, busy_sockets=20, burst=5,
+    "tiny": Workload(dialogs=20, rate=20.0, duration=1.0, warmup=0.5, busy_sockets=20, burst=5,
                      burst_per_dialog=2, idle_sockets=100, commit_clients=2, commit_seconds=1.0),
 }
 

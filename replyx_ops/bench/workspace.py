@@ -76,7 +76,7 @@ class Scenario:
 PROFILES = {
     "full": Scenario(),
     "quick": Scenario(duration=10.0),
-    "tiny": Scenario(operators=20, assistants=4, dialogs=100, rate=20.0, duration=3.0,
+    "tiny": Scenario(operators=20, assistants=4, dialogs=100, rate=20.0, duration=1.5,
                      warmup=0.5, admin_sockets=100, sockets=100, churn=20.0),
 }
 
