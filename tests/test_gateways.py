@@ -163,9 +163,9 @@ async def test_rolling_restart_of_two_gateways_moves_at_most_half_and_loses_noth
     make_stack: Callable[..., Stack], tenant: Tenant, database_url: str
 ) -> None:
     stack = make_stack("--no-demo", REPLYX_GATEWAYS="2", **ONE_ADDRESS)
-    # Clients that wait out a gateway's restart (~7 s) before their first retry after 1012
+    # Clients that wait out a gateway's restart (~3 s) before their first retry after 1012
     # come back to it (least_conn) instead of piling onto the other one.
-    sockets, clients = await open_dialogs(stack, tenant, 40, backoff_initial=9.0)
+    sockets, clients = await open_dialogs(stack, tenant, 40, backoff_initial=6.0)
     _, totals = await placement(stack, 2)
     assert totals == {"gateway-1": 60, "gateway-2": 60}, totals
     dialog_ids = sorted({d for d, _ in clients})
