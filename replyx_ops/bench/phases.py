@@ -268,11 +268,11 @@ class Phases:
                      workers_only: bool) -> dict[str, Any]:
         assert self.pool is not None
         say = self.progress
-        time.sleep(2.0)
+        time.sleep(self.work.memory_settle)
         before = server.rss_bytes(workers_only)
         say(f"  {server.name} RSS {before / 1024:,.0f} kB; opening {len(specs)} idle sockets")
         self.open("idle", specs)
-        time.sleep(2.0)
+        time.sleep(self.work.memory_settle)
         after = server.rss_bytes(workers_only)
         per_socket = (after - before) / 1024 / len(specs)
         say(f"  RSS {after / 1024:,.0f} kB: {per_socket:.1f} kB per idle socket")

@@ -21,6 +21,8 @@ class Workload:
     burst: int = 100
     burst_per_dialog: int = 20
     idle_sockets: int = 10_000
+    #: Seconds for a server's RSS to settle before and after its idle sockets open.
+    memory_settle: float = 2.0
     commit_clients: int = 8
     commit_seconds: float = 10.0
     load_workers: int = 2
@@ -32,7 +34,8 @@ PROFILES = {
     "quick": Workload(dialogs=1000, duration=20.0, warmup=3.0, burst=50, burst_per_dialog=10,
                       commit_seconds=5.0),
     "tiny": Workload(dialogs=20, rate=20.0, duration=1.0, warmup=0.5, busy_sockets=20, burst=5,
-                     burst_per_dialog=2, idle_sockets=100, commit_clients=2, commit_seconds=1.0),
+                     burst_per_dialog=2, idle_sockets=100, commit_clients=2, commit_seconds=1.0,
+                     memory_settle=0.5),
 }
 
 
