@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import tornado.web
 
@@ -19,6 +20,8 @@ from backend.api.health import HealthHandler
 from backend.api.metrics import MetricsHandler
 from backend.api.openapi import OpenApiHandler
 from backend.db import Database
+from backend.worker import SETTING as IN_FLIGHT
+from backend.worker import InFlight
 from replyx import logs, schema
 from replyx.pg import redact_url, resolve_database_url
 from replyx.settings import Settings
@@ -69,6 +72,7 @@ def build_application(
 ) -> tornado.web.Application:
     """The API on ``db``; ``metrics_dir``: the workers' shared metrics (gunicorn only)."""
     deps = {"db": db, "config": settings, "jwt_secret": jwt_secret, "metrics_dir": metrics_dir}
+    extra: dict[str, Any] = {IN_FLIGHT: InFlight()}  # for backend/worker.py
     return tornado.web.Application(
         [(pattern, handler, deps) for pattern, handler in ROUTES],
         default_handler_class=NotFoundHandler,
@@ -76,6 +80,7 @@ def build_application(
         log_function=_log_and_count(ROUTES),
         serve_traceback=False,
         compress_response=False,
+        **extra,
     )
 
 

@@ -1,4 +1,4 @@
-"""gunicorn for the backend: the tornado worker, ``BACKEND_WORKERS`` (4) workers.
+"""gunicorn for the backend: our tornado worker (backend/worker.py), ``BACKEND_WORKERS`` (4).
 
 Run as ``gunicorn -c conf/gunicorn.conf.py "backend.app:make_app()"``; supervisord does.
 Each worker builds its own app, engine and pool after the fork.
@@ -18,7 +18,7 @@ _settings = Settings.from_environ()
 
 bind = f"{_settings.host}:{_settings.backend_port}"
 workers = _settings.backend_workers
-worker_class = "tornado"
+worker_class = "backend.worker.Worker"
 # Each worker binds its own SO_REUSEPORT socket and the kernel spreads new connections
 # across them. With one shared socket, the first tornado worker to wake accepts a whole
 # burst (it accepts up to 128 connections per wake-up) and the other three sit idle.

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from urllib.parse import quote, urlsplit
 
+import orjson
 import pytest
 
 from tests.fix_apps import Api, Sockets
@@ -69,3 +71,35 @@ async def test_nginx_routes_api_and_websockets(ops: Stack, tenant: Tenant) -> No
         assert time.monotonic() < deadline, ops.logs("nginx")[-2000:]
         await asyncio.sleep(0.2)
     assert tenant.token not in ops.logs("nginx") and guest not in ops.logs("nginx")
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_request_in_flight_when_the_backend_restarts_is_still_answered(
+    ops: Stack, tenant: Tenant
+) -> None:
+    """backend/worker.py: an exiting worker answers what it has begun. gunicorn's own tornado
+    worker stopped its loop at its second 1 s heartbeat after SIGTERM, whatever was running:
+    this request, whose body is still arriving 4 s later, lost its connection."""
+    api = Api(ops.api)
+    dialog_id = await api.site_dialog(tenant)
+    backend = urlsplit(ops.api)
+    body = orjson.dumps({"text": "answered across a backend restart"})
+    path = f"/api/site/dialogs/{dialog_id}/messages?site_token={quote(tenant.site_token)}"
+    reader, writer = await asyncio.open_connection(backend.hostname, backend.port)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: {backend.netloc}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                 "Connection: close\r\n\r\n".encode() + body[:5])
+    await writer.drain()
+    await asyncio.sleep(0.5)  # a worker has begun it
+    loop = asyncio.get_running_loop()
+    restart = loop.run_in_executor(None, ops.ctl, "restart", "backend")
+    await asyncio.sleep(4.0)  # past both of gunicorn's beats, well within graceful_timeout
+    writer.write(body[5:])
+    await writer.drain()
+    response = await asyncio.wait_for(reader.read(), 15)
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 201"), response[:300]
+    message = orjson.loads(response.split(b"\r\n\r\n", 1)[1])
+    assert (message["dialog_id"], message["seq"]) == (dialog_id, 1), message
+    await restart
+    await loop.run_in_executor(None, wait_http, ops.api + "/health")

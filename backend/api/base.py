@@ -23,6 +23,8 @@ from sqlalchemy import exc as sa_exc
 
 from backend import metrics, store, workspace
 from backend.db import Database
+from backend.worker import SETTING as IN_FLIGHT
+from backend.worker import InFlight
 from replyx import security
 from replyx.addresses import client_address, is_direct_loopback, limit_key
 from replyx.protocol import MAX_ID, non_negative_int, positive_id
@@ -87,6 +89,22 @@ class ApiHandler(JsonHandler):
         self.config = config
         self._jwt_secret = jwt_secret
         self._body = bytearray()
+        # Begun, not yet answered: an exiting worker waits for it (backend/worker.py).
+        self._in_flight: InFlight | None = self.settings.get(IN_FLIGHT)
+        if self._in_flight is not None:
+            self._in_flight.begin()
+
+    def on_finish(self) -> None:
+        self._answered()
+
+    def on_connection_close(self) -> None:
+        self._answered()  # nobody is left to answer
+        super().on_connection_close()
+
+    def _answered(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.end()
+            self._in_flight = None
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
