@@ -71,13 +71,15 @@ class Scenario:
     sockets: int = 2000
     churn: float = 100.0
     load_workers: int = 2
+    #: Before and after each phase: the servers' statistics of what came before are flushed.
+    pause: float = 1.0
 
 
 PROFILES = {
     "full": Scenario(),
     "quick": Scenario(duration=10.0),
     "tiny": Scenario(operators=20, assistants=4, dialogs=100, rate=20.0, duration=1.5,
-                     warmup=0.5, admin_sockets=100, sockets=100, churn=20.0),
+                     warmup=0.5, admin_sockets=100, sockets=100, churn=20.0, pause=0.3),
 }
 
 
@@ -228,7 +230,7 @@ class WorkspaceBench(Phases):
         pool.record(True)
         if inbox:
             pool.all("inbox_record", on=True, baseline=baseline)
-        time.sleep(1.0)  # the servers' statistics of what came before are flushed
+        time.sleep(s.pause)  # the servers' statistics of what came before are flushed
         counters_before, started = pg_counters(self.db), time.monotonic()
         cpu_before = self.gateway.cpu_seconds()
         gc_before = scrape(self.gateway_metrics)
@@ -242,7 +244,7 @@ class WorkspaceBench(Phases):
                    if inbox else None)
         cpu = self.gateway.cpu_seconds() - cpu_before
         gc = gc_pauses(gc_before, scrape(self.gateway_metrics))
-        time.sleep(1.0)
+        time.sleep(s.pause)
         seconds = time.monotonic() - started
         pg = pg_rates(counters_before, pg_counters(self.db), seconds)
         pool.record(False)
