@@ -1,4 +1,5 @@
-"""Network helpers of the suite, written once: a free port, and HTTP polling (sync and async).
+"""Network helpers of the suite, written once: a free port, HTTP polling (sync and async),
+and polling any condition (:func:`eventually`).
 
 Fixtures and tests import these instead of writing their own. The free port is the
 benchmark's (``replyx_ops.bench.measure``), which must not import the tests.
@@ -10,6 +11,7 @@ import asyncio
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -17,7 +19,9 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from replyx_ops.bench.measure import free_port
 
-__all__ = ["free_port", "get_json", "get_text", "http_status", "wait_http", "wait_status"]
+__all__ = [
+    "eventually", "free_port", "get_json", "get_text", "http_status", "wait_http", "wait_status",
+]
 
 
 def http_status(url: str, timeout: float = 2.0) -> int | None:
@@ -47,6 +51,17 @@ async def get_json(url: str, **headers: str) -> tuple[int, Any]:
                                              request_timeout=10)
     body = response.body or b""
     return response.code, orjson.loads(body) if body[:1] in (b"{", b"[") else body
+
+
+async def eventually(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:  # noqa: ASYNC109
+    """Poll ``condition`` every 20 ms until it holds; TimeoutError naming ``what`` after
+    ``timeout`` seconds. For state that nothing announces (counters, sets, comments)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise TimeoutError(f"waited {timeout}s for {what}")
+        await asyncio.sleep(0.02)
 
 
 async def wait_status(url: str, status: int, timeout: float = 30.0) -> float:  # noqa: ASYNC109

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from tests.consistency import assert_match_database, open_three, site_poster
 from tests.fix_apps import Api, Sockets, start_backend, start_gateway
 from tests.fix_db import Tenant, cluster_dir, create_tenant, make_settings
 from tests.fix_proxy import Proxy, postgres_target, via_proxy
-from tests.net import get_json, wait_status
+from tests.net import eventually, get_json, wait_status
 from ws_gateway.app import Gateway
 
 INSERT = "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, %s, %s)"
@@ -90,13 +90,6 @@ async def test_listener_killed_while_posting_loses_nothing(
     finally:
         await sockets.close_all()
         await gateway.stop()
-
-
-async def eventually(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {timeout}s for {what}"
-        await asyncio.sleep(0.02)
 
 
 # -- 2. the LISTEN connection dies silently ----------------------------------------------

@@ -21,6 +21,7 @@ from replyx.settings import Settings
 from replyx_client import DialogClient, DialogClosedError
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant, make_settings
+from tests.net import eventually
 from tests.raw_socket import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, RawSocket
 from ws_gateway.app import Gateway
 
@@ -45,15 +46,6 @@ async def raw_site_socket(sockets: Sockets, tenant: Tenant, dialog_id: int,
     raw = await RawSocket.connect(sockets.site_url(tenant, dialog_id), headers=headers)
     await raw.read_json("ready")
     return raw
-
-
-async def eventually(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:  # noqa: ASYNC109
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise TimeoutError(f"waited {timeout}s for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def still_delivering(api: Api, tenant: Tenant, dialog_id: int,

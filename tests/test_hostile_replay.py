@@ -19,6 +19,7 @@ import pytest
 from replyx.settings import Settings
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant, make_settings
+from tests.net import eventually
 from tests.raw_socket import RawSocket
 from ws_gateway.app import Gateway
 
@@ -40,15 +41,6 @@ def settings(tmp_path: Path) -> Settings:
         REPLYX_REPLAY_MEMORY=str(8 * MiB),
         REPLYX_REPLAY_PAGE_BYTES=str(MiB),
     )
-
-
-async def eventually(condition: Any, what: str, timeout: float = 30) -> None:  # noqa: ASYNC109
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise TimeoutError(f"waited {timeout}s for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.gen_test(timeout=180)

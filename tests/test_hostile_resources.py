@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from replyx.settings import Settings
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant, make_settings
+from tests.net import eventually
 from tests.raw_socket import PONG, TEXT, RawSocket
 from ws_gateway.app import Gateway
 
@@ -29,15 +29,6 @@ def settings(tmp_path: Path) -> Settings:
         REPLYX_SLOW_CLOSE_GRACE="2",
         REPLYX_FRAGMENT_TIMEOUT="1",
     )
-
-
-async def eventually(condition: Any, what: str, timeout: float = 30) -> None:  # noqa: ASYNC109
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise TimeoutError(f"waited {timeout}s for {what}")
-        await asyncio.sleep(0.02)
 
 
 # -- slots (item 2) ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from replyx_client.sse import sse_connect
 from tests.consistency import assert_match_database, site_poster
 from tests.fix_apps import Api, Sockets, refusal
 from tests.fix_db import Tenant, make_settings
-from tests.net import get_json
+from tests.net import eventually, get_json
 from ws_gateway.app import Gateway
 from ws_gateway.frames import text_frame
 from ws_gateway.sse import close_event, render, ws_payload
@@ -337,10 +337,7 @@ async def test_idle_stream_gets_keep_alive_comments(
     client = await sockets.open(sockets.site_url(tenant, dialog_id), **SSE)
     conn = client._conn
     # Comments are not frames: nothing wakes wait_until, so poll.
-    deadline = asyncio.get_running_loop().time() + 10
-    while getattr(conn, "comments", 0) < 3:
-        assert asyncio.get_running_loop().time() < deadline, "no keep-alive comments"
-        await asyncio.sleep(0.05)
+    await eventually(lambda: getattr(conn, "comments", 0) >= 3, "keep-alives", 10)
 
 
 @pytest.mark.gen_test(timeout=60)
