@@ -10,7 +10,7 @@ a worker that takes longer), and stops within :data:`EXIT_POLL_SECONDS` of the l
 
 The count of requests begun and not yet answered is kept by the application
 (:class:`InFlight`, in its settings) and moved by every handler: ``ApiHandler``
-counts one from its construction to its ``on_finish``.
+counts one from its construction to its ``on_finish`` (or its client's going away).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class InFlight:
 class Worker(TornadoWorker):  # type: ignore[misc]  # gunicorn ships no type hints
     server_alive: bool
     alive: bool
+
     def run(self) -> None:
         self._exit_watch = PeriodicCallback(self._leave_when_answered, EXIT_POLL_SECONDS * 1000)
         self._exit_watch.start()
