@@ -7,6 +7,10 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 PYTEST_ARGS ?=
+# Two pytest workers (pytest-xdist), each given whole test files, so a module's shared
+# stack is started once; every worker has its own database (tests/fix_db.py).
+# PYTEST_WORKERS=0 runs the suite in this one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: run test typecheck venv lint lock bench check clean
 
@@ -25,7 +29,7 @@ test: $(STAMP)
 	@bash .ci/system-packages
 	$(VENV)/bin/ruff check .
 	@$(MAKE) --no-print-directory typecheck
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # mypy's configuration (strict, the packages it checks) is in pyproject.toml.
 typecheck: $(STAMP)

@@ -1,5 +1,9 @@
 """The database under test: a fresh one per session, migrated to head.
 
+Under pytest-xdist (``make test`` runs two workers) each worker is a session of its own,
+so each has its own database and nothing one worker's test does to its database (a
+killed LISTEN session, a restarted embedded server) reaches the other's.
+
 With ``REPLYX_TEST_DATABASE_URL`` set (the suite's own variable, as psycopg's tests
 use ``PSYCOPG_TEST_DSN``), a new database ``replyx_test_<random>`` is created on that
 server and dropped afterwards. Without it, an embedded Postgres (pgserver's binaries)
