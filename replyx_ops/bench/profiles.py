@@ -57,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="record the servers with py-spy during fan-out"
                         " (collapsed stacks, for speedscope or flamegraph.pl)")
     parser.add_argument("--rounds", type=int, default=None, metavar="N",
-                        help="instead of the phases: ReplyX and the peer interleaved, N rounds"
-                        " at each of --rates (latency and many-dialogs fan-out)")
+                        help="instead of the phases: ReplyX over WebSockets, over SSE and the peer"
+                        " interleaved, N rounds at each of --rates (latency and many-dialogs"
+                        " fan-out)")
     parser.add_argument("--rates", default="200,1000",
                         help="msg/s of the rounds, comma-separated (default 200,1000)")
     for name, kind in (

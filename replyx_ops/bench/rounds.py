@@ -1,18 +1,21 @@
 """``replyx bench --rounds N``: the product and the peer interleaved, round after round.
 
 One run on a noisy machine says little: a tail depends on what else ran in
-those seconds. So both stacks are started once and measured in turns — ReplyX,
-peer, ReplyX, peer … — ``N`` rounds at each rate of ``--rates``. Each turn opens
-two sockets on each of ``--dialogs`` dialogs, POSTs for ``--duration`` seconds
+those seconds. So both stacks are started once and measured in turns — ReplyX
+over WebSockets, ReplyX over server-sent events, peer, and again … — ``N``
+rounds at each rate of ``--rates``. Each turn opens two sockets (or event
+streams) on each of ``--dialogs`` dialogs, POSTs for ``--duration`` seconds
 after a warm-up (the latency phase of :mod:`replyx_ops.bench.run`), then commits
 one many-dialogs burst (``--burst-per-dialog`` messages on every dialog) and
 measures its fan-out. ReplyX's turns also read its per-stage timing.
 
 The report gives, per rate and stack, every round's p50/p99 and the median of
 those with their spread (min-max), frames lost, and the many-dialogs fan-out of
-every round with the ReplyX/peer ratio per round. Invariant: the two stacks see
-the same database, dialogs, rate and socket count in every round, and only one
-of them is ever under load (the peer's turns disable ReplyX's NOTIFY trigger).
+every round with the ReplyX/peer ratio and the SSE/WebSocket ratios per round.
+Invariant: every stack and transport sees the same database, dialogs, rate and
+socket count in every round, and only one of them is ever under load (the
+peer's turns disable ReplyX's NOTIFY trigger); the two transports of ReplyX run
+back to back on the same gateway, so their comparison is not one of two moments.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import os
 import signal
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,9 +37,14 @@ from replyx_ops.bench.measure import Progress, free_port, machine_info
 from replyx_ops.bench.phases import Phases
 from replyx_ops.bench.profiles import workload_from
 from replyx_ops.bench.servers import BenchDatabase, Tenant, start_backend, start_gateway, start_peer
+from replyx_ops.bench.sseclient import as_sse
 from replyx_ops.bench.stages import StageProbe, describe
 
-STACKS = ("replyx", "peer")
+#: The turns of a round, in order: ReplyX's two transports, then the peer.
+STACKS = ("replyx", "replyx_sse", "peer")
+#: SSE against WebSocket (issue 13): p99 at most 20 % above, fan-out at least 80 %.
+SSE_P99_RATIO_MAX = 1.2
+SSE_FANOUT_RATIO_MIN = 0.8
 Spec = tuple[int, str, str | None]
 
 
@@ -58,9 +66,10 @@ class Rounds(Phases):
         self.poster = Process(poster_main)
         probe = StageProbe(f"http://127.0.0.1:{backend_port}/metrics",
                            f"http://127.0.0.1:{gateway_port}/metrics")
+        pairs = [spec for d in dialogs for spec in tenant.pair(d)]
         turns: dict[str, tuple[int, int, list[Spec], StageProbe | None]] = {
-            "replyx": (gateway_port, backend_port,
-                       [spec for d in dialogs for spec in tenant.pair(d)], probe),
+            "replyx": (gateway_port, backend_port, pairs, probe),
+            "replyx_sse": (gateway_port, backend_port, as_sse(pairs), probe),
             "peer": (peer_port, peer_port,
                      [(d, f"/ws/dialogs/{d}?site_token={tenant.site_token}", None)
                       for d in dialogs for _ in range(2)], None),
@@ -130,19 +139,43 @@ def summarise_rate(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                 for t in turns
             ],
         }
-    ours, peer = results["replyx"], results["peer"]
-    summary["fanout_ratio_per_round"] = [
-        round(a["many_dialogs"]["frames_per_s"] / max(b["many_dialogs"]["frames_per_s"], 1), 2)
-        for a, b in zip(ours, peer, strict=True)
-    ]
+    ours, sse, peer = results["replyx"], results["replyx_sse"], results["peer"]
+    summary["fanout_ratio_per_round"] = _ratios(ours, peer, _fanout)
+    summary["sse_p99_ratio_per_round"] = _ratios(sse, ours, _p99)
+    summary["sse_fanout_ratio_per_round"] = _ratios(sse, ours, _fanout)
     summary["stages"] = _median_stages([t.get("stages") or {} for t in ours])
     summary["targets"] = {
         "p50_at_or_below_peer": _le(summary["replyx"]["p50_ms"], summary["peer"]["p50_ms"]),
         "p99_at_or_below_peer": _le(summary["replyx"]["p99_ms"], summary["peer"]["p99_ms"]),
         "fanout_1_5x_peer_every_round": all(r >= 1.5 for r in summary["fanout_ratio_per_round"]),
-        "lost_zero": summary["replyx"]["lost"] == 0,
+        "lost_zero": summary["replyx"]["lost"] == 0 and summary["replyx_sse"]["lost"] == 0,
+        "sse_p99_within_20pct_of_ws": _ratio_of_medians(
+            summary["replyx_sse"]["p99_ms"], summary["replyx"]["p99_ms"]) <= SSE_P99_RATIO_MAX,
+        "sse_fanout_within_20pct_of_ws": _ratio_of_medians(
+            summary["replyx_sse"]["many_dialogs_frames_per_s"],
+            summary["replyx"]["many_dialogs_frames_per_s"]) >= SSE_FANOUT_RATIO_MIN,
     }
     return summary
+
+
+def _p99(turn: dict[str, Any]) -> float:
+    return float(turn["latency_ms"]["p99"])
+
+
+def _fanout(turn: dict[str, Any]) -> float:
+    return float(turn["many_dialogs"]["frames_per_s"])
+
+
+def _ratios(a: list[dict[str, Any]], b: list[dict[str, Any]],
+            figure: Callable[[dict[str, Any]], float]) -> list[float]:
+    """``figure`` of ``a`` over that of ``b``, round by round."""
+    return [round(figure(x) / max(figure(y), 1e-9), 2) for x, y in zip(a, b, strict=True)]
+
+
+def _ratio_of_medians(a: dict[str, float | None], b: dict[str, float | None]) -> float:
+    if a["median"] is None or not b["median"]:
+        return float("nan")
+    return a["median"] / b["median"]
 
 
 def _le(ours: dict[str, float | None], peer: dict[str, float | None]) -> bool:
@@ -166,14 +199,19 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"{result['rounds']} interleaved rounds, {result['workload']['sockets']} sockets"]
     for rate, summary in result["rates"].items():
         lines.append("")
-        lines.append(f"{rate} msg/s           replyx (median, min-max)   peer (median, min-max)")
+        lines.append(f"{rate + ' msg/s':20} {'replyx WS':26} {'replyx SSE':26} peer"
+                     "   (median, min-max)")
         for key, label in (("p50_ms", "latency p50 ms"), ("p99_ms", "latency p99 ms"),
                            ("many_dialogs_frames_per_s", "many dialogs fr/s")):
-            a, b = summary["replyx"][key], summary["peer"][key]
-            lines.append(f"  {label:18} {_cell(a):26} {_cell(b)}")
-        lines.append(f"  {'lost':18} {summary['replyx']['lost']:<26} {summary['peer']['lost']}")
-        lines.append("  fan-out ratio per round: "
-                     + ", ".join(f"{r:.2f}x" for r in summary["fanout_ratio_per_round"]))
+            cells = [_cell(summary[stack][key]) for stack in STACKS]
+            lines.append(f"  {label:18} {cells[0]:26} {cells[1]:26} {cells[2]}")
+        lost = [str(summary[stack]["lost"]) for stack in STACKS]
+        lines.append(f"  {'lost':18} {lost[0]:26} {lost[1]:26} {lost[2]}")
+        for key, label in (("fanout_ratio_per_round", "fan-out WS/peer"),
+                           ("sse_p99_ratio_per_round", "p99 SSE/WS"),
+                           ("sse_fanout_ratio_per_round", "fan-out SSE/WS")):
+            lines.append(f"  {label} per round: "
+                         + ", ".join(f"{r:.2f}x" for r in summary[key]))
         lines.append(f"  stages (median p50/p99 ms): {describe(summary['stages'])}")
         missed = [name for name, ok in summary["targets"].items() if not ok]
         lines.append("  targets missed: " + (", ".join(missed) if missed else "none"))
