@@ -29,7 +29,7 @@ from tests.fix_db import Tenant, make_settings
 from tests.net import eventually, get_json
 from ws_gateway.app import Gateway
 from ws_gateway.frames import text_frame
-from ws_gateway.sse import close_event, render, ws_payload
+from ws_gateway.sse import SLICES, Streams, close_event, render, ws_payload
 
 SSE: dict[str, Any] = {"transport": "sse"}
 INSERT = "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, %s, %s)"
@@ -338,6 +338,51 @@ async def test_idle_stream_gets_keep_alive_comments(
     conn = client._conn
     # Comments are not frames: nothing wakes wait_until, so poll.
     await eventually(lambda: getattr(conn, "comments", 0) >= 3, "keep-alives", 10)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_stream_that_gets_events_gets_no_keep_alives(
+    api: Api, gateway: Gateway, sockets: Sockets, tenant: Tenant
+) -> None:
+    gateway.started.streams.keep_alive_interval = 0.2
+    busy, idle = await api.site_dialog(tenant), await api.site_dialog(tenant)
+    busy_client = await sockets.open(sockets.site_url(tenant, busy), **SSE)
+    idle_client = await sockets.open(sockets.site_url(tenant, idle), **SSE)
+    for i in range(30):  # an event every 50 ms for 1.5 s: 7 keep-alive intervals
+        await api.post_site(tenant, busy, f"m{i}")
+        await asyncio.sleep(0.05)
+    await busy_client.wait_for_seq(30)
+    assert getattr(idle_client._conn, "comments", 0) >= 4
+    assert getattr(busy_client._conn, "comments", 0) == 0
+
+
+def test_keep_alives_visit_a_slice_of_the_streams_per_tick() -> None:
+    """2,000 streams kept alive in one callback held every frame back tens of ms."""
+
+    class Idle:
+        written_tick = 0
+        kept = 0
+
+        def keep_alive(self) -> None:
+            self.kept += 1
+
+    streams = Streams(keep_alive=10.0)
+    idle, busy, gone = [Idle() for _ in range(95)], Idle(), Idle()
+    for stream in [*idle, busy, gone]:
+        streams.add(stream)
+    streams.discard(gone)
+    try:
+        written = []
+        for _ in range(3 * SLICES):
+            busy.written_tick = streams.ticks  # it wrote an event in every tick
+            before = sum(s.kept for s in idle)
+            streams._tick()
+            written.append(sum(s.kept for s in idle) - before)
+    finally:
+        streams.close()
+    assert max(written) <= 10  # a tenth of the 96 open streams, rounded up
+    assert all(s.kept in (2, 3) for s in idle), [s.kept for s in idle]  # once per interval
+    assert busy.kept == 0 and gone.kept == 0
 
 
 @pytest.mark.gen_test(timeout=60)

@@ -57,6 +57,8 @@ class DialogStream(Session):
     """A session over server-sent events. Kinds combine this with their :class:`Session`."""
 
     transport_name = "sse"
+    #: When it last wrote an event, on the keep-alive ticker's clock (:class:`Streams`).
+    written_tick = 0
 
     async def get(self, raw_id: str = "") -> None:
         stream = self.detach()
@@ -80,7 +82,9 @@ class DialogStream(Session):
         transport = self.transport
         if transport is None:
             return False
-        return self._batch.write(transport, self.parts.streams.event(frame))
+        streams = self.parts.streams
+        self.written_tick = streams.ticks  # no keep-alive needed for a while
+        return self._batch.write(transport, streams.event(frame))
 
     def _since(self) -> int | None:
         raw = self.request.headers.get("Last-Event-ID", "").strip()
