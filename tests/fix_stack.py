@@ -28,7 +28,8 @@ class Stack:
     def __init__(self, data_dir: Path, database_url: str | None, **env: str) -> None:
         self.data_dir = data_dir
         self.backend_port = free_port()
-        self.gateway_port = free_port()
+        # REPLYX_GATEWAYS=N listens on GATEWAY_PORT … GATEWAY_PORT+N-1.
+        self.gateway_port = free_port(int(env.get("REPLYX_GATEWAYS", "1")))
         self.nginx_port = free_port()
         self.env = child_environ(**{
             "REPLYX_DATA_DIR": str(data_dir),

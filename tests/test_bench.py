@@ -8,9 +8,11 @@ benchmark on a quiet machine, never asserted by the suite.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from pathlib import Path
 
+from replyx_ops.bench.measure import PORTS_FROM, free_port
 from tests.fix_db import run_bench
 
 BIN = Path(sys.executable).parent
@@ -58,3 +60,14 @@ def test_tiny_bench_reports_every_key_and_loses_nothing(tmp_path: Path, database
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == [f"{report['date']}.json", f"{report['date']}.png"]
     assert json.loads((tmp_path / "out" / f"{report['date']}.json").read_text())["lost"] == 0
+
+
+def test_free_ports_are_consecutive_bindable_and_below_the_ephemeral_range() -> None:
+    """A client connection's own port must never take a stack's GATEWAY_PORT+1 first."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for count in (1, 3):
+        base = free_port(count)
+        assert PORTS_FROM <= base and base + count <= low
+        for port in range(base, base + count):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))  # raises if it was not free

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import socket
 import sys
 import time
@@ -23,11 +24,42 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on right now."""
+#: Where free ports are drawn from: at or above this, and below the kernel's ephemeral range.
+PORTS_FROM = 20000
+
+
+def free_port(count: int = 1, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive TCP ports of ``host`` that can be bound right now
+    (``count`` > 1: a stack's gateways on ``GATEWAY_PORT`` … ``GATEWAY_PORT+N-1``).
+
+    Drawn at random below the kernel's ephemeral range (``ip_local_port_range``), so no
+    client connection's own port takes one between now and the server's bind: with the
+    suite on two workers, a ``GATEWAY_PORT+1`` from that range was once taken that way.
+    """
+    below = _ephemeral_low() - count
+    rng = random.SystemRandom()
+    for _ in range(500):
+        base = rng.randrange(PORTS_FROM, below)
+        if all(_bindable(host, base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports in {PORTS_FROM}-{below + count}")
+
+
+def _ephemeral_low() -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        if low > PORTS_FROM + 1000:
+            return low
+    return 32768  # Linux's default
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def get_json(url: str) -> dict[str, Any]:

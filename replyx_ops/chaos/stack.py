@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import random
 import secrets
 import signal
 import subprocess
@@ -42,7 +41,7 @@ from replyx.settings import Settings
 from replyx_ops.bench.measure import free_port
 from replyx_ops.bench.servers import BenchDatabase
 from replyx_ops.chaos.proxy import PgProxy, postgres_target, via_proxy
-from replyx_ops.stack import ROOT, nginx_available, port_in_use, wait_for
+from replyx_ops.stack import ROOT, nginx_available, wait_for
 
 
 class StackError(RuntimeError):
@@ -81,18 +80,6 @@ class ChaosDatabase(BenchDatabase):
         self.embedded.start()
 
 
-def free_port_run(count: int, host: str = "127.0.0.1") -> int:
-    """The first of ``count`` consecutive free ports (the gateways' GATEWAY_PORT..+N-1)."""
-    if count == 1:
-        return free_port()
-    rng = random.SystemRandom()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - count)
-        if not any(port_in_use(host, base + i) for i in range(count)):
-            return base
-    raise StackError(f"no {count} consecutive free ports")
-
-
 class Stack:
     """``replyx run --no-demo`` on free ports, behind the proxy, in ``run_dir``."""
 
@@ -104,7 +91,7 @@ class Stack:
         self.db = db
         self.gateways = gateways
         self.nginx = nginx and nginx_available()
-        self.backend_port, self.gateway_port = free_port(), free_port_run(gateways)
+        self.backend_port, self.gateway_port = free_port(), free_port(gateways)
         self.nginx_port = free_port()
         layout = dataclasses.replace(settings, gateways=gateways, gateway_port=self.gateway_port)
         #: Gateway name → its port, as ``replyx run`` starts them (``gateway`` or ``gateway-i``).
