@@ -7,12 +7,13 @@ import json
 import os
 import platform
 import random
-import socket
 import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from replyx_ops.stack import port_in_use
 
 
 class Progress:
@@ -40,7 +41,7 @@ def free_port(count: int = 1, host: str = "127.0.0.1") -> int:
     rng = random.SystemRandom()
     for _ in range(500):
         base = rng.randrange(PORTS_FROM, below)
-        if all(_bindable(host, base + i) for i in range(count)):
+        if not any(port_in_use(host, base + i) for i in range(count)):
             return base
     raise RuntimeError(f"no {count} consecutive free ports in {PORTS_FROM}-{below + count}")
 
@@ -51,15 +52,6 @@ def _ephemeral_low() -> int:
         if low > PORTS_FROM + 1000:
             return low
     return 32768  # Linux's default
-
-
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
 
 
 def get_json(url: str) -> dict[str, Any]:
