@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import secrets
 import sys
 import time
@@ -37,11 +36,17 @@ import psutil
 from replyx.protocol import NOTIFY_CHANNEL
 from replyx.settings import Settings
 from replyx_ops.bench import notify_gateways
-from replyx_ops.bench.notify_gateways import GatewayBench, GatewayResult, GatewayWork, IdleResult
+from replyx_ops.bench.notify_gateways import (
+    CORES,
+    GatewayBench,
+    GatewayResult,
+    GatewayWork,
+    IdleResult,
+    cpu_share,
+)
 from replyx_ops.bench.servers import BenchDatabase, Tenant
 
 LISTENERS = (1, 2, 8, 32, 128)
-CORES = os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -254,8 +259,8 @@ async def _commit_phase(url: str, listeners: int, writers: int, seconds: float
         await conn.close()
     return CommitResult(listeners, round(done / took, 1),
                         round(sum(received) / listeners / elapsed, 1),
-                        round(cpu / elapsed / CORES, 3),
-                        None if pg is None else round(pg / elapsed / CORES, 3))
+                        round(cpu_share(cpu, elapsed), 3),
+                        None if pg is None else round(cpu_share(pg, elapsed), 3))
 
 
 async def _dialogs(url: str, count: int) -> list[int]:

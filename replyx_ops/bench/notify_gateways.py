@@ -158,8 +158,8 @@ class GatewayBench:
             written = asyncio.run(_write(self.db.url, self.dialog_ids, work.rate, work.seconds))
             settled = self.pool.settle(["notify"], self.tenant.last_seqs(self.dialog_ids), 60)
             elapsed = time.monotonic() - wall
-            lat_gen = _share(self.generator_cpu() - gen, elapsed)
-            lat_gw = _share(_cpu(servers) - gw, elapsed)
+            lat_gen = cpu_share(self.generator_cpu() - gen, elapsed)
+            lat_gw = cpu_share(_cpu(servers) - gw, elapsed)
             self.pool.record(False)
 
             with self.db.connect() as conn:
@@ -174,8 +174,8 @@ class GatewayBench:
             burst = self.pool.settle(["notify"], self.tenant.last_seqs(self.dialog_ids), 120)
             elapsed = time.monotonic() - wall
             took = max(burst["last_frame_at"] - started, 1e-6)
-            burst_gen = _share(self.generator_cpu() - gen, elapsed)
-            burst_gw = _share(_cpu(servers) - gw, elapsed)
+            burst_gen = cpu_share(self.generator_cpu() - gen, elapsed)
+            burst_gw = cpu_share(_cpu(servers) - gw, elapsed)
             self.pool.close("notify")
         notifications = len(self.dialog_ids) * work.burst
         return GatewayResult(
@@ -216,11 +216,11 @@ def _cpu(servers: list[Server]) -> float:
     return sum(s.cpu_seconds() for s in servers)
 
 
-def _share(cpu_seconds: float, elapsed: float) -> float:
+def cpu_share(cpu_seconds: float, elapsed: float) -> float:
     """CPU seconds over ``elapsed`` as a share of all the cores, at most 1.
 
     /proc counts another process's CPU in clock ticks (10 ms), so over a burst of a few
-    tens of milliseconds three processes' readings can add up to more than the wall time
+    tens of milliseconds several processes' readings can add up to more than the wall time
     holds; the share is then capped rather than reported as an impossible 116 %.
     """
     return min(1.0, cpu_seconds / elapsed / CORES)
