@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from tornado.ioloop import IOLoop
 
 from tests.fix_apps import Api, Sockets, start_gateway
 from tests.fix_db import Tenant, make_settings
+from tests.net import eventually
 from ws_gateway.app import Gateway
 
 INSERT = "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, %s, %s)"
@@ -173,3 +176,26 @@ async def test_a_handshake_is_one_database_round_trip(
         store.pool = counting.pool
     clients = [c for c in sockets.clients if c.frames]
     assert [c.seqs for c in clients[:4]] == [[], [1, 2, 3], [2, 3], [3]]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_closed_sockets_session_is_freed_without_a_garbage_collection(
+    api: Api, sockets: Sockets, gateway: Gateway, tenant: Tenant
+) -> None:
+    """A session and its write path point at each other; the end of the connection must
+    undo that, or every closed socket's objects wait for a collection of the generation
+    they reached (one full collection of thousands of sockets stops the loop for 250+ ms,
+    see ws_gateway/gctune.py)."""
+    dialog_id, guest = await api.widget_dialog(tenant)
+    await sockets.open(sockets.admin_url(tenant, dialog_id))
+    await sockets.open(sockets.site_url(tenant, dialog_id))
+    await sockets.open(sockets.widget_url(tenant, dialog_id, guest), origin=tenant.domains[0])
+    sessions = [weakref.ref(session) for session in gateway.router.sockets_of(dialog_id)]
+    assert len(sessions) == 3
+    gc.disable()  # only reference counting frees anything from here on
+    try:
+        await sockets.close_all()
+        await eventually(lambda: all(ref() is None for ref in sessions),
+                         "every session freed by reference counting", timeout=10)
+    finally:
+        gc.enable()

@@ -338,8 +338,11 @@ class Session(RedactedRequestLogging, tornado.web.RequestHandler):
             IOLoop.current().remove_timeout(self._expiry)
             self._expiry = None
         self._closing = True
-        if self.transport is not None:
-            self.transport.close()
+        # The transport points back at this session: dropping it leaves no cycle, so the
+        # connection's objects are freed now, not by a garbage collection (gctune.py).
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            transport.close()
         parts = self.parts
         parts.sockets.discard(self)
         parts.router.remove(self)
