@@ -32,7 +32,7 @@ def test_tiny_workspace_bench_reports_every_number_and_loses_nothing(
         tmp_path, database_url,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "phase 4, churn" in result.stderr  # progress went to stderr
+    assert "phase 5, churn" in result.stderr  # progress went to stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert (out / f"workspace-{report['date']}.json").exists()
 
@@ -45,10 +45,14 @@ def test_tiny_workspace_bench_reports_every_number_and_loses_nothing(
     assert presence["connects"] > 0 and presence["churn_failed"] == 0
     statements = presence["pg_presence_statements_per_s"]
     assert presence["pg_presence_statements_per_s"]["churn"] > statements["steady"]
+    # The control churn changes no one's presence: nothing is published for it.
+    assert report["detail"]["churn_tabs"]["pg"]["presence_publishes_per_s"] < (
+        report["detail"]["churn"]["pg"]["presence_publishes_per_s"])
+    assert presence["presence_cpu_added_pct"] is not None
     # Every number is present (pg_presence_xacts_added_per_s may not be: it is a difference).
     for section in ("inbox", "presence"):
         assert _numbers(report[section], section) == []
-    for phase in ("dialogs_only", "inbox", "steady", "churn"):
+    for phase in ("dialogs_only", "inbox", "steady", "churn", "churn_tabs"):
         detail = report["detail"][phase]
         assert detail["dialog_lost"] == 0 and detail["http_errors"] == 0
         assert _numbers({k: v for k, v in detail.items() if k not in ("pg", "gateway_gc")},

@@ -20,6 +20,10 @@ every latency is "frame read at the socket - POST start".
    longer than the presence debounce, so each is a real online/offline change):
    the gateway's CPU share, the Postgres statements per second presence causes
    and the dialog p99, against phase 3.
+5. **churn, another tab open** — the control of phase 4: a second, steady widget
+   socket on every churn dialog, then the same churn. The same handshakes, closes
+   and socket bookkeeping, but no visitor goes online or offline, so presence has
+   nothing to publish: phase 4's CPU minus this one's is what presence adds.
 
 Postgres statements are counted with ``pg_stat_statements`` when the server
 has it loaded (calls of presence statements); otherwise from
@@ -205,6 +209,12 @@ class WorkspaceBench(Phases):
         phases["steady"] = self.phase(inbox=True, churn=False)
         say(f"phase 4, churn {s.churn:.0f}/s")
         phases["churn"] = self.phase(inbox=True, churn=True)
+        # The control: another tab stays open on every churn dialog, so the same
+        # connects and disconnects change no one's presence (nothing to publish).
+        self.open("tabs", [team.widget(d) for d in team.widgets])
+        time.sleep(DEBOUNCE_S + 1)
+        say(f"phase 5, churn {s.churn:.0f}/s with another tab open (no presence change)")
+        phases["churn_tabs"] = self.phase(inbox=True, churn=True)
         phases["sockets"] = widgets + len(crowd)
         result = summarise(phases, asdict(s))
         result["machine"] = machine_info(self.db.version(), load_before, os.getloadavg())
