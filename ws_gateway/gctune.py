@@ -8,8 +8,18 @@ default thresholds ran one every 30 s or so — the dialog p99 went from 5 to
 
 * :func:`tune` freezes what exists once the gateway is up (modules, classes, the
   parts — nothing that ever becomes garbage), so no collection walks it again;
-* larger thresholds: a young generation of 20,000 objects (most per-connection
-  objects die there, unpromoted) and a full collection only after 100 middle ones.
+* larger thresholds: a young generation of 20,000 objects and a full collection
+  only after 100 middle ones.
+
+A closed socket's objects are freed by reference counting, not left to a
+collection: ``Session.ended`` drops the session's transport, which points back at
+it. Before that, each closed socket left ~42 objects in a cycle; under churn they
+were promoted before they died, and since each death lowers the young count while
+new sockets fill the young list, young collections came seconds apart and walked
+60,000-110,000 objects (30-100 ms each). With the cycle gone the churn phase of
+``replyx bench-workspace`` ran no collection at all. Collecting on a clock instead
+(the young generation every 50 ms, the middle one every second) was tried and not
+kept: middle collections of 25-50 ms, a worse churn p99.
 
 Invariant: collections still happen (cyclic garbage is reclaimed), only less often;
 called once, from the process entry point, never in a process that hosts others
