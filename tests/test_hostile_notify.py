@@ -134,8 +134,11 @@ async def test_well_formed_forgeries_never_reach_a_socket(
         message(dialog_id, 2, text="rewritten history"),   # behind: a duplicate seq
         message(dialog_id, 9),                              # ahead: a gap nothing fills
         message(dialog_id, MAX_ID),
-        message(dialog_id, 5),                              # ahead by 2, and the real seq 4
-    ]                                                       # is committed right behind it
+        # Ahead, with real seqs committed right behind it; past every seq this test commits
+        # (up to 5), so a gap read that delivers those first never makes it exactly the
+        # next one (that case is the known gap, xfailed below). It was 5: a flake.
+        message(dialog_id, 7),
+    ]
     for forged in forgeries:
         sql.execute(NOTIFY, (CHANNEL, forged))
     await deliver_one(sql, client, dialog_id, "real 3")

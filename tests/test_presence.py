@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,13 +21,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import psycopg
 import pytest
 from tornado.ioloop import IOLoop
 
+from replyx import security
 from replyx.settings import Settings
 from replyx_client import DialogClient, InboxClient
 from tests.fix_apps import Api, Sockets, start_gateway
 from tests.fix_db import TEST_JWT_SECRET, Tenant
+from tests.net import get_json
 from ws_gateway.app import Gateway
 
 BIN = Path(sys.executable).parent
@@ -97,46 +101,82 @@ async def test_a_widget_reload_is_no_offline_flap_for_the_operator(
     assert [p["visitor_online"] for p in presences(admin)] == [False, True]
 
 
-@pytest.mark.gen_test(timeout=120)
-async def test_churn_is_coalesced_and_the_final_counts_are_exact(
-    api: Api, sockets: Sockets, gateway: Gateway, second: Gateway, tenant: Tenant
-) -> None:
-    dialogs = [await api.widget_dialog(tenant) for _ in range(40)]
-    bases = [sockets.base, f"ws://127.0.0.1:{second.port}"]
-    watchers = [await sockets.open(sockets.site_url(tenant, dialogs[0][0]).replace(
-        sockets.base, base)) for base in bases]
-    operators = []
+CHURN_WIDGETS = 500
+CHURN_SECONDS = 30
 
-    async def churn(i: int) -> None:
-        dialog_id, guest = dialogs[i]
-        url = sockets.widget_url(tenant, dialog_id, guest).replace(sockets.base, bases[i % 2])
-        deadline = time.monotonic() + 8
+
+def at_most_one_presence_a_second(client: DialogClient) -> list[float]:
+    """The gaps under 0.9 s between two presence frames of one socket (none expected)."""
+    frames = [f for f in client.frames if f.data.get("type") == "presence"]
+    return [round(b.received_at - a.received_at, 3) for a, b in itertools.pairwise(frames)
+            if b.received_at - a.received_at < 0.9]
+
+
+@pytest.mark.gen_test(timeout=180)
+async def test_500_widgets_churning_for_30_s_are_coalesced_and_the_final_counts_exact(
+    sockets: Sockets, gateway: Gateway, second: Gateway, tenant: Tenant,
+    sql: psycopg.Connection[Any],
+) -> None:
+    """500 visitors arrive and leave for 30 s over two gateways while six operators come and
+    five go: no socket gets more than one presence frame a second, and afterwards both
+    gateways' status endpoints count exactly the sockets still open."""
+    guests = [security.new_guest_token() for _ in range(CHURN_WIDGETS)]
+    dialogs = [int(row[0]) for row in sql.execute(
+        "INSERT INTO dialogs (assistant_id, channel, guest_token_hash)"
+        " SELECT %s, 'widget', h FROM unnest(%s::text[]) WITH ORDINALITY t(h, n)"
+        " ORDER BY n RETURNING id",
+        (tenant.assistant_id, [security.token_hash(g) for g in guests])).fetchall()]
+    bases = [sockets.base, f"ws://127.0.0.1:{second.port}"]
+    # Watchers on both gateways: site sockets (operators online), admin sockets of ten
+    # churning dialogs (their visitor online or not).
+    watchers = [await sockets.open(sockets.site_url(tenant, dialogs[0]).replace(
+        sockets.base, base)) for base in bases]
+    watchers += [await sockets.open(sockets.admin_url(tenant, d).replace(
+        sockets.base, bases[i % 2])) for i, d in enumerate(dialogs[:10])]
+    churned: list[DialogClient] = []
+    operators: list[InboxClient] = []
+    rng = random.Random(11)
+
+    async def visitor(i: int) -> None:
+        url = sockets.widget_url(tenant, dialogs[i], guests[i]).replace(
+            sockets.base, bases[i % 2])
+        deadline = time.monotonic() + CHURN_SECONDS
+        await asyncio.sleep(rng.uniform(0, 3))
         while time.monotonic() < deadline:
             client = DialogClient(url, origin=tenant.domains[0], resume=False)
+            churned.append(client)
             await client.connect()
-            await asyncio.sleep(0.05 * (i % 5))
+            await asyncio.sleep(rng.uniform(1, 5))  # on the page
             await client.close()
+            await asyncio.sleep(rng.uniform(0.2, 8))  # away: some past the debounce
 
     async def operators_come_and_go() -> None:
         for _ in range(6):
             inbox = InboxClient(inbox_url(bases[len(operators) % 2], tenant))
             await inbox.connect()
             operators.append(inbox)
-            await asyncio.sleep(1)
+            await asyncio.sleep(3)
         for inbox in operators[:-1]:
             await inbox.close()
 
-    await asyncio.gather(operators_come_and_go(), *(churn(i) for i in range(40)))
-    await asyncio.sleep(7)  # debounce, then the last frame
-    for watcher in watchers:
-        frames = [f for f in watcher.frames if f.data.get("type") == "presence"]
-        gaps = [b.received_at - a.received_at for a, b in itertools.pairwise(frames)]
-        assert all(gap >= 0.9 for gap in gaps), gaps  # at most one per second
-        assert frames[-1].data["operators_online"] == 1  # one operator still has an inbox
-    # Every gateway's view equals the sockets actually open: no widget left, one operator.
+    await asyncio.gather(operators_come_and_go(), *(visitor(i) for i in range(CHURN_WIDGETS)))
+    await asyncio.sleep(7)  # the debounce, then the last frames
+    assert len(churned) > 2 * CHURN_WIDGETS
+    # Each visitor left by itself: no socket was closed by a gateway.
+    assert {code for client in churned for code in client.close_codes} <= {None}
+    for client in [*watchers, *churned]:
+        assert at_most_one_presence_a_second(client) == [], client.url
+    for watcher in watchers[:2]:
+        assert presences(watcher)[-1]["operators_online"] == 1  # one inbox is still open
+    for watcher in watchers[2:]:
+        assert presences(watcher)[-1]["visitor_online"] is False  # every visitor left
+    # Every gateway's view equals the sockets actually open: no visitor, one operator.
     for gw in (gateway, second):
-        assert gw.presence.visitors_online == set()
-        assert gw.presence.operators_online == {tenant.assistant_id: 1}
+        code, status = await get_json(f"http://127.0.0.1:{gw.port}/api/debug/websocket/status")
+        assert code == 200
+        assert status["connections"]["widget"] == 0
+        online = status["presence"]["online"]
+        assert (online["visitors"], online["operators"]) == (0, 1), status["presence"]
     await operators[-1].close()
 
 
