@@ -146,10 +146,12 @@ async def test_three_gateways_share_sockets_and_a_killed_one_costs_only_its_own(
     elsewhere = sum(after[key] != "gateway-2" for key in movers)
     log.warning("after the kill: %s; %d of %d moved sockets on the other gateways",
                 totals_after, elsewhere, len(movers))
-    # Its clients resume on the others: nginx skips the dead gateway for fail_timeout (10 s).
-    # supervisord restarts it meanwhile, and a client still retrying after that (backing off
-    # from a busy gateway's 1013) may land on it again, least_conn's emptiest: most, not all.
-    assert elsewhere > len(movers) // 2, totals_after
+    # Where its clients resume is nginx's choice, and a race: nginx skips the dead gateway
+    # for fail_timeout (10 s) once a connection to it failed, but supervisord restarts it
+    # within a second or two, and a restarted, empty gateway is least_conn's first pick.
+    # On a loaded machine the clients' retries came after the restart and 98 of 100 went
+    # back to it (CI, 2026-11-28), so where they land is logged, not asserted; what is
+    # asserted above is that each one resumed and lost nothing.
 
     # Each gateway names itself in its metrics and its own log file.
     code, metrics = await get_text(f"http://127.0.0.1:{stack.gateway_port + 2}/metrics")
