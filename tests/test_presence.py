@@ -12,7 +12,6 @@ import itertools
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from tornado.ioloop import IOLoop
 from replyx import security
 from replyx.settings import Settings
 from replyx_client import DialogClient, InboxClient
+from replyx_ops.bench.measure import free_port
 from tests.fix_apps import Api, Sockets, start_gateway
 from tests.fix_db import TEST_JWT_SECRET, Tenant
 from tests.net import get_json
@@ -187,7 +187,7 @@ async def test_a_killed_gateway_stops_counting_within_15_seconds(
     dialog_id, guest = await api.widget_dialog(tenant)
     widget = await sockets.open(sockets.widget_url(tenant, dialog_id, guest),
                                 origin=tenant.domains[0])
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DATABASE_URL": database_url, "GATEWAY_PORT": str(port),
            "REPLYX_DATA_DIR": str(tmp_path), "REPLYX_JWT_SECRET": TEST_JWT_SECRET}
     proc = subprocess.Popen(  # noqa: ASYNC220 (returns at once; the test waits for its port)
@@ -211,9 +211,3 @@ async def test_a_killed_gateway_stops_counting_within_15_seconds(
     finally:
         proc.kill()
         proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
