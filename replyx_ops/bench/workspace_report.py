@@ -82,16 +82,21 @@ def pg_rates(before: dict[str, float | None], after: dict[str, float | None], se
             "method": method}
 
 
+def _added_pct(value: float, base: float) -> float | None:
+    """How much more ``value`` is than ``base``, in per cent (None without a base)."""
+    return round(100 * (value - base) / base, 1) if base else None
+
+
 def summarise(phases: dict[str, Any], scenario: dict[str, Any]) -> dict[str, Any]:
     plain, inbox, steady, churn, tabs = (phases[k] for k in (
         "dialogs_only", "inbox", "steady", "churn", "churn_tabs"))
     box = inbox["inbox"]
     dialog_p99 = inbox["dialog_latency_ms"]["p99"]
     cpu_steady, cpu_churn = steady["gateway_cpu_share"], churn["gateway_cpu_share"]
-    added = round(100 * (cpu_churn - cpu_steady) / cpu_steady, 1) if cpu_steady else None
+    added = _added_pct(cpu_churn, cpu_steady)
     # The same churn with nothing for presence to publish (phase 5): the rest is presence's.
     cpu_tabs = tabs["gateway_cpu_share"]
-    presence_added = round(100 * (cpu_churn - cpu_tabs) / cpu_tabs, 1) if cpu_tabs else None
+    presence_added = _added_pct(cpu_churn, cpu_tabs)
     statements = churn["pg"]["presence_statements_per_s"]
     # Both phases post the same messages for the same time: the difference is the churn's.
     connects = churn["churn"]["connects"]
