@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from backend.group_commit import GroupCommit
 from replyx.pg import libpq_url, sqlalchemy_url
 from replyx.protocol import BACKEND_APPLICATION
 
@@ -70,6 +71,8 @@ class Database:
             self.engine, expire_on_commit=False
         )
         self.writes = WritePool(libpq_url(url), connect_args, pool_size + max_overflow)
+        #: The hot writes (messages, typing): alone when idle, sharing a commit when busy.
+        self.group = GroupCommit(self.writes)
 
     def write(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
         """``async with db.write() as conn``: an autocommit psycopg connection (one statement,

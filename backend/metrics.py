@@ -57,6 +57,13 @@ MESSAGE_STAGES = Histogram(
     buckets=STAGE_BUCKETS,
     registry=REGISTRY,
 )
+COMMIT_WRITES = Histogram(
+    "replyx_backend_commit_writes",
+    "Messages and typing events per committed transaction (backend.group_commit: more than"
+    " one when they arrive while the worker's commits are in flight)",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+    registry=REGISTRY,
+)
 
 #: The route label of requests no route matched (bounded label values, whatever the path).
 UNMATCHED = "other"
@@ -77,6 +84,11 @@ def observe_message(handler_seconds: float, commit_seconds: float) -> None:
     """The stages of one posted message (see :mod:`replyx.timing`)."""
     MESSAGE_STAGES.labels(BackendStage.HANDLER.value).observe(handler_seconds)
     MESSAGE_STAGES.labels(BackendStage.COMMIT.value).observe(commit_seconds)
+
+
+def observe_commit(writes: int) -> None:
+    """One committed transaction of the hot writes, holding ``writes`` of them."""
+    COMMIT_WRITES.observe(writes)
 
 
 def exposition(multiprocess_dir: Path | None) -> bytes:

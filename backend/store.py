@@ -298,25 +298,22 @@ async def post_message(
     """Insert and commit one message if the dialog is the principal's; return it rendered
     as its frame (a JSON text), or ``None`` when the dialog is not theirs (or not at all).
 
-    The database assigns ``seq`` and sends the NOTIFY when this commits (one
-    statement in autocommit: one round trip).
+    The database assigns ``seq`` and sends the NOTIFY when this commits: one statement,
+    alone or in a transaction shared with the worker's other writes of the moment
+    (:mod:`backend.group_commit`).
     """
-    async with db.write() as conn:
-        cursor = await conn.execute(
-            _POST_MESSAGE[principal.kind],
-            {**principal.params(dialog_id), "sender": sender, "text": body},
-        )
-        row = await cursor.fetchone()
-        return None if row is None else str(row[0])
+    row = await db.group.fetchone(
+        _POST_MESSAGE[principal.kind],
+        {**principal.params(dialog_id), "sender": sender, "text": body}, dialog_id)
+    return None if row is None else str(row[0])
 
 
 async def send_typing(db: Database, principal: Principal, dialog_id: int, sender: str) -> bool:
     """An ephemeral event: sent through NOTIFY on commit, never stored. False: not theirs."""
-    async with db.write() as conn:
-        cursor = await conn.execute(
-            _SEND_TYPING[principal.kind], {**principal.params(dialog_id), "sender": sender}
-        )
-        return await cursor.fetchone() is not None
+    row = await db.group.fetchone(
+        _SEND_TYPING[principal.kind], {**principal.params(dialog_id), "sender": sender},
+        dialog_id)
+    return row is not None
 
 
 async def principal_exists(db: Database, principal: Principal) -> bool:

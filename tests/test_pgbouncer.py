@@ -20,8 +20,11 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
+from backend.db import WritePool
+from backend.group_commit import GroupCommit
 from replyx import schema
 from replyx.pg import libpq_url
+from tests import test_group_commit as group_commit_test
 from tests.consistency import assert_match_database, open_three, site_poster
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import create_tenant, new_database
@@ -164,3 +167,30 @@ async def test_stack_through_pgbouncer_with_a_direct_listen_connection(
         assert "pgbouncer" in checks["listen/notify"]["hint"]
     finally:
         await loop.run_in_executor(None, stack.stop)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_shared_commits_through_pgbouncer(own_database: str, pgbouncer: str) -> None:
+    """The backend's group commit (one pipelined transaction for the writes that waited)
+    through a transaction pooler: committed in dialog order, and a refused batch still
+    commits every write but the bad one."""
+    with psycopg.connect(own_database, autocommit=True) as conn:
+        conn.execute(group_commit_test.TABLE)
+    pool = WritePool(libpq_url(pgbouncer), {"prepare_threshold": None}, 8)
+    group = GroupCommit(pool)
+    try:
+        for run, values in (("pgb-ok", [0, 1, 2, 3]), ("pgb-refused", [0, -1, 2, 3])):
+            slow = await group_commit_test.busy_lanes(group, 0.3)
+            results = await asyncio.gather(
+                *(group.fetchone(group_commit_test.INSERT, {"k": 2 - n % 2, "v": v, "run": run},
+                                 2 - n % 2) for n, v in enumerate(values)),
+                return_exceptions=True)
+            await asyncio.gather(*slow)
+            good = [(v,) for v in values if v >= 0]
+            assert [r for r in results if not isinstance(r, Exception)] == good, results
+            with psycopg.connect(own_database, autocommit=True) as conn:
+                assert group_commit_test.stored(conn, run) == sorted(
+                    ((2 - n % 2, v) for n, v in enumerate(values) if v >= 0),
+                    key=lambda kv: kv[0])
+    finally:
+        await pool.close()
