@@ -30,15 +30,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psycopg
 
 from backend import metrics
-
-if TYPE_CHECKING:
-    from backend.db import WritePool
 
 #: Transactions in flight at once per worker (each on its own pooled connection).
 LANES = 2
@@ -46,6 +44,12 @@ LANES = 2
 MAX_BATCH = 64
 
 Row = tuple[Any, ...]
+
+
+class Connections(Protocol):
+    """Where the writes run: autocommit connections (``backend.db.WritePool``)."""
+
+    def connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]: ...
 
 
 @dataclass
@@ -60,7 +64,7 @@ class _Write:
 class GroupCommit:
     """Runs ``fetchone`` writes one at a time when idle, in shared transactions when busy."""
 
-    def __init__(self, pool: WritePool) -> None:
+    def __init__(self, pool: Connections) -> None:
         self.pool = pool
         self._waiting: list[_Write] = []
         self._busy = 0
