@@ -105,11 +105,36 @@ CHURN_WIDGETS = 500
 CHURN_SECONDS = 30
 
 
-def at_most_one_presence_a_second(client: DialogClient) -> list[float]:
-    """The gaps under 0.9 s between two presence frames of one socket (none expected)."""
+def at_most_one_presence_a_second(client: DialogClient, lateness: float = 0.0) -> list[float]:
+    """The gaps under 0.9 s between two presence frames of one socket (none expected).
+
+    ``lateness``: how late this process's event loop ran at worst. The clients and the
+    gateways share it, so a frame sent on time can be read that much later than the next
+    one; a gap shorter by that much is the reading's jitter, not two frames within a second.
+    """
     frames = [f for f in client.frames if f.data.get("type") == "presence"]
     return [round(b.received_at - a.received_at, 3) for a, b in itertools.pairwise(frames)
-            if b.received_at - a.received_at < 0.9]
+            if b.received_at - a.received_at < 0.9 - lateness]
+
+
+class Lateness:
+    """The worst delay of this process's event loop while it runs (a 20 ms ticker's overshoot)."""
+
+    TICK = 0.02
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(self.TICK)
+            self.worst = max(self.worst, time.monotonic() - started - self.TICK)
+
+    def stop(self) -> float:
+        self._task.cancel()
+        return self.worst
 
 
 @pytest.mark.gen_test(timeout=180)
@@ -159,13 +184,15 @@ async def test_500_widgets_churning_for_30_s_are_coalesced_and_the_final_counts_
         for inbox in operators[:-1]:
             await inbox.close()
 
+    lateness = Lateness()
     await asyncio.gather(operators_come_and_go(), *(visitor(i) for i in range(CHURN_WIDGETS)))
     await asyncio.sleep(7)  # the debounce, then the last frames
+    worst = lateness.stop()
     assert len(churned) > 2 * CHURN_WIDGETS
     # Each visitor left by itself: no socket was closed by a gateway.
     assert {code for client in churned for code in client.close_codes} <= {None}
     for client in [*watchers, *churned]:
-        assert at_most_one_presence_a_second(client) == [], client.url
+        assert at_most_one_presence_a_second(client, worst) == [], (client.url.split("?")[0], worst)
     for watcher in watchers[:2]:
         assert presences(watcher)[-1]["operators_online"] == 1  # one inbox is still open
     for watcher in watchers[2:]:
