@@ -52,7 +52,8 @@ WORKERS = Gauge(
 MESSAGE_STAGES = Histogram(
     BACKEND_STAGE_METRIC,
     "Where a posted message's time goes in the backend: handler (request parsed to INSERT"
-    " sent), commit (INSERT sent to COMMIT returned)",
+    " sent), commit (INSERT handed to the database to committed, a shared commit's wait"
+    " included)",
     ["stage"],
     buckets=STAGE_BUCKETS,
     registry=REGISTRY,

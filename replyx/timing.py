@@ -4,8 +4,10 @@ A message's way from the sender to a socket, on the product's own clocks:
 
 * **backend** (``replyx_backend_message_stage_seconds``) — ``handler``: request
   headers parsed → the INSERT is sent (body, JSON, auth, limits, routing);
-  ``commit``: INSERT sent → COMMIT returned (Postgres: the statement, the
-  triggers, the commit, a connection from the pool).
+  ``commit``: INSERT handed to the database → committed (Postgres: the statement,
+  the triggers, the commit, a connection from the pool, and the wait for a shared
+  commit while the worker's commits are busy, ``backend/group_commit.py``).
+
 * **gateway** (``replyx_gateway_message_stage_seconds``) — ``notify``: the
   message's ``created_at`` (its transaction's start) → its NOTIFY is read off
   the LISTEN connection; ``queue``: read → taken by the consumer; ``parse``;
