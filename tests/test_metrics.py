@@ -100,8 +100,10 @@ BACKEND_FAMILIES = {
     "replyx_backend_requests": "counter",
     "replyx_backend_request_duration_seconds": "histogram",
     "replyx_backend_message_stage_seconds": "histogram",
+    "replyx_backend_commit_writes": "histogram",
     "replyx_backend_workers": "gauge",
 }
+COMMITS = (("replyx_backend_commit_writes_count", ()), ("replyx_backend_commit_writes_sum", ()))
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -111,11 +113,15 @@ async def test_metric_names_follow_prometheus_conventions(ops: Stack, tenant: Te
     # (Checked: with the gateway locally counting each routed message and each refusal
     # twice, this fails; the old `>= 1` passed.)
     before = metrics((await get_text(ops.gateway + "/metrics"))[1])
+    before_backend = metrics((await get_text(ops.api + "/metrics"))[1])
     dialog_id = await api.site_dialog(tenant)
     site = await sockets.open(sockets.site_url(tenant, dialog_id))
     assert await sockets.refused(sockets.admin_url(tenant, 999999999)) == 4004
     await api.post_site(tenant, dialog_id, "measured")
     await site.wait_for_seq(1)
+    # One message, alone: one commit holding one write, whichever worker took it.
+    after_backend = metrics((await get_text(ops.api + "/metrics"))[1])
+    assert [after_backend[k] - before_backend.get(k, 0.0) for k in COMMITS] == [1.0, 1.0]
 
     for url, expected in ((ops.gateway + "/metrics", GATEWAY_FAMILIES),
                           (ops.api + "/metrics", BACKEND_FAMILIES)):
