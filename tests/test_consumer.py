@@ -1,16 +1,26 @@
-"""The consumer's intake (ws_gateway/consumer.py), as a pure unit below the real tests.
+"""The consumer (ws_gateway/consumer.py), as a pure unit below the real tests.
 
 Every message commit also sends its dialog's new state for inboxes; a gateway with
 no inbox open must not pay for parsing those (``replyx bench``'s many-dialogs
 fan-out), yet must route them again the moment an inbox starts joining.
+
+A burst over many dialogs arrives a read of the LISTEN connection at a time, each
+dialog's next message a read or more later; the consumer keeps the batch open across
+those reads, so a socket gets several frames per send, in order, and another task's
+write to a socket with nothing held is not held meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
+
+import orjson
+import pytest
 
 from ws_gateway.consumer import Consumer, WriteBatch
 from ws_gateway.metrics import Stats
+from ws_gateway.router import Router
 
 # What the database's replyx_dialog_json renders (json_build_object's spacing).
 DIALOG = ('{"type" : "dialog", "dialog_id" : 5, "assistant_id" : 2, "channel" : "site",'
@@ -49,3 +59,107 @@ def test_dialog_events_are_counted_but_not_queued_while_no_inbox_is_open() -> No
     other = DIALOG.replace('"type" : "dialog"', '"type":"dialog"')
     consumer.put(other)
     assert queued(consumer) == [MESSAGE, DIALOG, other]
+
+
+class Writer:
+    """One socket's write path: what reached it, one entry per write."""
+
+    closing = False
+
+    def __init__(self, dialog_id: int) -> None:
+        self.dialog_id = dialog_id
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> bool:
+        self.writes.append(data)
+        return True
+
+    def fail(self, code: int, reason: str) -> None:
+        raise AssertionError(f"failed {code}")
+
+    def seqs(self) -> list[int]:
+        data, seqs = b"".join(self.writes), []
+        while data:  # unmasked server text frames under 64 KiB
+            length, offset = data[1] & 0x7F, 2
+            if length == 126:
+                length, offset = int.from_bytes(data[2:4], "big"), 4
+            seqs.append(orjson.loads(data[offset:offset + length])["seq"])
+            data = data[offset + length:]
+        return seqs
+
+
+class Socket:
+    """A live dialog socket as the router sees it, writing through the consumer's batch."""
+
+    kind = "admin"
+    is_open = True
+
+    def __init__(self, dialog_id: int, batch: WriteBatch) -> None:
+        self.dialog_id = dialog_id
+        self.sent_seq = 0
+        self.buffer: list[tuple[int, int, bytes]] | None = None
+        self.writer = Writer(dialog_id)
+        self.batch = batch
+
+    def write_frame(self, frame: bytes) -> bool:
+        return self.batch.write(self.writer, frame)
+
+
+def message(dialog_id: int, seq: int) -> str:
+    return orjson.dumps({
+        "type": "message", "dialog_id": dialog_id, "seq": seq, "id": dialog_id * 1000 + seq,
+        "sender": "system", "text": "burst", "created_at": "2026-12-07T10:00:00+00:00",
+    }).decode()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_burst_over_many_dialogs_reaches_each_socket_in_few_sends_and_in_order(
+) -> None:
+    """20 messages on each of 100 dialogs, one message per dialog per read of the LISTEN
+    connection (as a burst committed in one transaction arrives): each socket gets its 20
+    frames in order, in a few sends. One batch per read would be 20 sends per socket."""
+    batch, stats = WriteBatch(), Stats()
+    router = Router(cast(Any, None), stats)
+    consumer = Consumer(router, cast(Any, Workspace()), cast(Any, None), stats, batch)
+    sockets = [Socket(dialog_id, batch) for dialog_id in range(1, 101)]
+    for sock in sockets:
+        router.dialogs[sock.dialog_id] = {cast(Any, sock)}
+    consumer.start()
+    try:
+        for seq in range(1, 21):
+            for sock in sockets:
+                consumer.put(message(sock.dialog_id, seq))
+            await asyncio.sleep(0)  # the listener's next read comes on the loop's next turn
+        for _ in range(2000):
+            if all(len(s.writer.seqs()) == 20 for s in sockets):
+                break
+            await asyncio.sleep(0.005)
+    finally:
+        await consumer.stop()
+    for sock in sockets:
+        assert sock.writer.seqs() == list(range(1, 21)), sock.dialog_id
+    sends = [len(sock.writer.writes) for sock in sockets]
+    assert sum(sends) <= 5 * len(sockets), f"{sum(sends)} sends for {20 * len(sockets)} frames"
+    assert stats.frames_sent == 2000
+
+
+def test_while_a_batch_is_paused_a_socket_with_nothing_held_is_written_at_once() -> None:
+    """Other tasks run while a burst's batch is paused: a join's frames on another socket go
+    out at once, and a frame for a socket with frames held waits behind them, in order."""
+    batch = WriteBatch()
+    held, other = Writer(1), Writer(2)
+    batch.open()
+    batch.write(held, b"first")
+    batch.pause()
+    batch.write(other, b"replay")
+    batch.write(held, b"second")
+    assert other.writes == [b"replay"]
+    assert held.writes == []
+    batch.resume()
+    batch.write(other, b"routed")
+    assert other.writes == [b"replay"]  # held again: the batch routes
+    batch.flush()
+    assert held.writes == [b"firstsecond"]
+    assert other.writes == [b"replay", b"routed"]
+    batch.write(held, b"later")  # no batch open: at once
+    assert held.writes == [b"firstsecond", b"later"]

@@ -1,9 +1,14 @@
 """The one task that turns queued NOTIFY payloads into routed frames, a batch at a time.
 
 Invariant: frames are held (corked) only while this consumer routes a batch,
-and only by its :class:`WriteBatch`; every await of the consumer is preceded
-by a flush, so no other task (a replay, a join, a pong) ever finds its frames
-held behind someone else's batch. Sockets never hold frames themselves.
+only by its :class:`WriteBatch`, and for at most ``HOLD_SECONDS``. No other task
+(a replay, a join, a pong) finds its frames held behind someone else's batch:
+every await of the consumer is preceded by a flush, except the one a burst
+makes to let the listener read on, during which the batch is *paused* — a
+write to a socket with nothing held goes out at once, and one to a socket with
+frames held joins them in order (which a later write must not overtake). A
+task that waits for its socket to drain flushes that socket first
+(:meth:`WriteBatch.flush_one`). Sockets never hold frames themselves.
 """
 
 from __future__ import annotations
@@ -31,8 +36,14 @@ from ws_gateway.workspace import Workspace
 
 log = logging.getLogger("ws_gateway")
 
-# Longest stretch of routing before held frames are flushed and other tasks get a turn.
+# Longest stretch of routing before other tasks get a turn.
 BATCH_SECONDS = 0.01
+# A batch that has routed this many notifications is a burst: while more keep arriving it
+# stays open (paused across each turn the listener gets), so a socket whose dialog gets several
+# of them receives them in one send instead of one send per turn.
+BURST_NOTIFICATIONS = 64
+# Longest a burst's frames are held before they are flushed.
+HOLD_SECONDS = 0.05
 
 
 class Writer(Protocol):
@@ -61,27 +72,43 @@ class WriteBatch:
 
     def __init__(self) -> None:
         self._held: dict[Writer, list[bytes]] | None = None
+        self._paused = False
 
     def write(self, writer: Writer, frame: bytes) -> bool:
-        """Write ``frame`` now, or hold it until :meth:`flush` while a batch is open."""
+        """Write ``frame`` now, or hold it until :meth:`flush` while a batch is open.
+
+        While the batch is paused (other tasks run), only a socket that already has frames
+        held gets this one held too, behind them: its frames keep their order.
+        """
         held = self._held
         if held is None:
             return writer.write(frame)
         if writer.closing:
             return False
         frames = held.get(writer)
-        if frames is None:
-            held[writer] = [frame]
-        else:
+        if frames is not None:
             frames.append(frame)
+        elif self._paused:
+            return writer.write(frame)
+        else:
+            held[writer] = [frame]
         return True
 
     def open(self) -> None:
         self._held = {}
+        self._paused = False
+
+    def pause(self) -> None:
+        """Other tasks are about to run with this batch open: see :meth:`write`."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
 
     def flush(self) -> None:
         """Send what the batch held, one write per socket, and stop holding."""
         held, self._held = self._held, None
+        self._paused = False
         for writer, frames in (held or {}).items():
             self._send(writer, frames)
 
@@ -146,17 +173,36 @@ class Consumer:
         A batch is what is queued, up to ``BATCH_SECONDS`` of routing. Then the held
         frames are flushed and the loop yields, so a burst cannot starve the
         listener's probe, pings and handshakes for longer than one batch.
+
+        A burst (``BURST_NOTIFICATIONS`` routed in this batch) is the exception: the loop
+        yields with the batch paused, and goes on routing into it while the listener
+        keeps queueing, for up to ``HOLD_SECONDS``. In a burst over many dialogs a
+        dialog's next message can be hundreds of notifications away, further than one
+        read of the LISTEN connection; held this way, its sockets get its messages in
+        one send, and the client one read, instead of one each.
         """
         queue = self.queue
         batch = self.batch
         while True:
             item = await queue.get()
-            deadline = time.monotonic() + BATCH_SECONDS
+            started = time.monotonic()
             batch.open()
             try:
                 await self._handle(*item)
-                while not queue.empty() and time.monotonic() < deadline:
-                    await self._handle(*queue.get_nowait())
+                routed = 1
+                deadline = started + BATCH_SECONDS
+                while True:
+                    while not queue.empty() and time.monotonic() < deadline:
+                        await self._handle(*queue.get_nowait())
+                        routed += 1
+                    if routed < BURST_NOTIFICATIONS or time.monotonic() >= started + HOLD_SECONDS:
+                        break
+                    batch.pause()
+                    await asyncio.sleep(0)
+                    batch.resume()
+                    if queue.empty():
+                        break
+                    deadline = time.monotonic() + BATCH_SECONDS
             finally:
                 batch.flush()
                 self._time_batch()
