@@ -95,6 +95,38 @@ async def test_a_replay_is_not_held_while_a_message_ref_is_read(
         gate.set()
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_a_burst_over_many_dialogs_arrives_whole_and_in_order_beside_a_join(
+    api: Api, sockets: Sockets, tenant: Tenant, sql: psycopg.Connection[Any],
+) -> None:
+    """One transaction of 10 messages on each of 40 dialogs: 400 notifications, so the consumer
+    holds its batch across the LISTEN connection's reads. Every socket gets 1..10 once each, in
+    order, and a socket joining another dialog meanwhile gets its replay and ready."""
+    dialogs = [row[0] for row in sql.execute(
+        "INSERT INTO dialogs (assistant_id, channel)"
+        " SELECT %s, 'site' FROM generate_series(1, 40) RETURNING id", (tenant.assistant_id,),
+    ).fetchall()]
+    clients = [await sockets.open(sockets.site_url(tenant, d)) for d in dialogs]
+    quiet = await api.site_dialog(tenant)
+    for i in range(3):
+        await api.post_site(tenant, quiet, f"history {i}")
+    sql.execute(
+        "INSERT INTO messages (dialog_id, sender, text)"
+        " SELECT d, 'system', 'burst ' || i FROM generate_series(1, 10) i, unnest(%s::bigint[]) d",
+        (dialogs,),
+    )
+    joiner = await sockets.open(sockets.site_url(tenant, quiet), since=0)
+    assert joiner.seqs == [1, 2, 3]
+    for client in clients:
+        await client.wait_for_seq(10, timeout=20)
+    for client in clients:
+        assert client.seqs == list(range(1, 11))
+        assert [m["text"] for m in client.messages] == [f"burst {i}" for i in range(1, 11)]
+        assert client.duplicates == 0 and client.gaps == 0
+        assert client.close_codes == []
+    await sockets.close_all()
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_since_ahead_of_the_dialog_is_refused(
     api: Api, sockets: Sockets, tenant: Tenant

@@ -44,6 +44,10 @@ BATCH_SECONDS = 0.01
 BURST_NOTIFICATIONS = 64
 # Longest a burst's frames are held before they are flushed.
 HOLD_SECONDS = 0.05
+# How long a burst's batch waits for the listener's next read when the queue runs dry: the
+# burst is over when nothing comes in that time (Postgres delivers a big commit's notifications
+# in reads a fraction of a millisecond apart, further apart on a busy machine).
+BURST_GAP_SECONDS = 0.001
 
 
 class Writer(Protocol):
@@ -176,7 +180,8 @@ class Consumer:
 
         A burst (``BURST_NOTIFICATIONS`` routed in this batch) is the exception: the loop
         yields with the batch paused, and goes on routing into it while the listener
-        keeps queueing, for up to ``HOLD_SECONDS``. In a burst over many dialogs a
+        keeps queueing (a read at most ``BURST_GAP_SECONDS`` after the queue ran dry),
+        for up to ``HOLD_SECONDS``. In a burst over many dialogs a
         dialog's next message can be hundreds of notifications away, further than one
         read of the LISTEN connection; held this way, its sockets get its messages in
         one send, and the client one read, instead of one each.
@@ -199,6 +204,8 @@ class Consumer:
                         break
                     batch.pause()
                     await asyncio.sleep(0)
+                    if queue.empty():
+                        await asyncio.sleep(BURST_GAP_SECONDS)
                     batch.resume()
                     if queue.empty():
                         break
