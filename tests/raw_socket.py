@@ -34,6 +34,20 @@ class Frame:
         return orjson.loads(self.payload)
 
 
+def server_payloads(data: bytes) -> list[bytes]:
+    """The payloads of complete, unmasked server frames written back to back."""
+    payloads, pos = [], 0
+    while pos < len(data):
+        length, pos = data[pos + 1] & 0x7F, pos + 2
+        if length == 126:
+            (length,), pos = struct.unpack_from("!H", data, pos), pos + 2
+        elif length == 127:
+            (length,), pos = struct.unpack_from("!Q", data, pos), pos + 8
+        payloads.append(data[pos:pos + length])
+        pos += length
+    return payloads
+
+
 class RawSocket:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader

@@ -18,6 +18,7 @@ from typing import Any, cast
 import orjson
 import pytest
 
+from tests.raw_socket import server_payloads
 from ws_gateway.consumer import Consumer, WriteBatch
 from ws_gateway.metrics import Stats
 from ws_gateway.router import Router
@@ -78,14 +79,7 @@ class Writer:
         raise AssertionError(f"failed {code}")
 
     def seqs(self) -> list[int]:
-        data, seqs = b"".join(self.writes), []
-        while data:  # unmasked server text frames under 64 KiB
-            length, offset = data[1] & 0x7F, 2
-            if length == 126:
-                length, offset = int.from_bytes(data[2:4], "big"), 4
-            seqs.append(orjson.loads(data[offset:offset + length])["seq"])
-            data = data[offset + length:]
-        return seqs
+        return [orjson.loads(p)["seq"] for p in server_payloads(b"".join(self.writes))]
 
 
 class Socket:

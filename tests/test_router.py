@@ -7,13 +7,13 @@ answers a catch-up query when the test says so, so the interleaving is exact.
 from __future__ import annotations
 
 import asyncio
-import struct
 from typing import Any
 
 import asyncpg
 import orjson
 import pytest
 
+from tests.raw_socket import server_payloads
 from ws_gateway.events import Event
 from ws_gateway.metrics import Stats
 from ws_gateway.replay import Page
@@ -30,13 +30,8 @@ def message(seq: int, text: str = "") -> bytes:
 
 
 def payload_of(frame: bytes) -> dict[str, Any]:
-    length = frame[1] & 0x7F
-    offset = 2
-    if length == 126:
-        length, offset = struct.unpack("!H", frame[2:4])[0], 4
-    elif length == 127:
-        length, offset = struct.unpack("!Q", frame[2:10])[0], 10
-    return orjson.loads(frame[offset:offset + length])
+    (payload,) = server_payloads(frame)
+    return orjson.loads(payload)
 
 
 class Store:
