@@ -1,14 +1,18 @@
 """The one task that turns queued NOTIFY payloads into routed frames, a batch at a time.
 
 Invariant: frames are held (corked) only while this consumer routes a batch,
-only by its :class:`WriteBatch`, and for at most ``HOLD_SECONDS``. No other task
-(a replay, a join, a pong) finds its frames held behind someone else's batch:
-every await of the consumer is preceded by a flush, except the one a burst
-makes to let the listener read on, during which the batch is *paused* — a
-write to a socket with nothing held goes out at once, and one to a socket with
-frames held joins them in order (which a later write must not overtake). A
-task that waits for its socket to drain flushes that socket first
-(:meth:`WriteBatch.flush_one`). Sockets never hold frames themselves.
+and only by its :class:`WriteBatch`. A batch ends when the queue runs dry or
+after ``BATCH_SECONDS`` of routing; a burst's when no read comes within
+``BURST_GAP_SECONDS`` of a dry queue, or once ``HOLD_SECONDS`` have passed (plus
+its last stretch of routing and its wait for a read: ``BATCH_SECONDS`` and
+``BURST_GAP_SECONDS`` at most). No other task (a replay, a join, a pong) finds
+its frames held behind someone else's batch: every await of the consumer is
+preceded by a flush, except those a burst makes to let the listener read on,
+during which the batch is *paused* — a write to a socket with nothing held
+goes out at once, and one to a socket with frames held joins them in order
+(which a later write must not overtake). A task that waits for its socket to
+drain flushes that socket first (:meth:`WriteBatch.flush_one`). Sockets never
+hold frames themselves.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ BATCH_SECONDS = 0.01
 # stays open (paused across each turn the listener gets), so a socket whose dialog gets several
 # of them receives them in one send instead of one send per turn.
 BURST_NOTIFICATIONS = 64
-# Longest a burst's frames are held before they are flushed.
+# How long a burst's batch stays open (its last stretch of routing may end after it).
 HOLD_SECONDS = 0.05
 # How long a burst's batch waits for the listener's next read when the queue runs dry: the
 # burst is over when nothing comes in that time (Postgres delivers a big commit's notifications
