@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from replyx_ops.bench.load import Process, SocketPool, SocketWorker, serve_commands
-from replyx_ops.bench.wsclient import STAMP_PREFIX, Recorder, Socket, open_socket
+from replyx_ops.bench.wsclient import MEASURED, STAMP_PREFIX, Recorder, Socket, open_socket
 
 Spec = tuple[int, str, str | None]  # (dialog id or assistant id, path, Origin)
 
@@ -99,8 +99,7 @@ class WorkspaceWorker(SocketWorker):
 
     async def inbox_record(self, on: bool, baseline: dict[int, int]) -> dict[str, Any]:
         """Start counting: nothing at or below ``baseline`` (the database's last seqs) counts."""
-        rec = self.inbox_recorder
-        rec.recording, rec.latencies_ms, rec.from_insert_ms = on, [], []
+        self.inbox_recorder.start(on)
         for sock in self.inboxes:
             sock.counts.clear()
             for dialog_id, seq in baseline.items():
@@ -132,8 +131,7 @@ class WorkspaceWorker(SocketWorker):
                 "frames": sum(sum(s.counts.values()) for s in self.inboxes),
                 "gaps": sum(s.gaps for s in self.inboxes),
                 "closed": sum(1 for s in self.inboxes if s.closed),
-                "latencies_ms": self.inbox_recorder.latencies_ms,
-                "from_insert_ms": self.inbox_recorder.from_insert_ms}
+                **self.inbox_recorder.measured()}
 
     async def open_churn(self, on: list[Spec], spare: list[Spec]) -> dict[str, Any]:
         """Widget sockets open on ``on``; ``spare`` dialogs wait (FIFO) for a visitor."""
@@ -222,7 +220,7 @@ class WorkspacePool(SocketPool):
                            timeout=timeout)
         out: dict[str, Any] = {k: sum(r[k] for r in replies)
                                for k in ("sockets", "lost", "frames", "gaps", "closed")}
-        for key in ("latencies_ms", "from_insert_ms"):
+        for key in MEASURED:
             out[key] = [x for r in replies for x in r[key]]
         return out
 

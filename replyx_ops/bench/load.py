@@ -23,7 +23,7 @@ import asyncpg
 import orjson
 
 from replyx_ops.bench.sseclient import SseStream, is_sse
-from replyx_ops.bench.wsclient import STAMP_PREFIX, Recorder, Socket, open_socket
+from replyx_ops.bench.wsclient import MEASURED, STAMP_PREFIX, Recorder, Socket, open_socket
 
 
 def raise_fd_limit() -> None:
@@ -116,9 +116,7 @@ class SocketWorker:
 
     async def record(self, on: bool) -> dict[str, Any]:
         assert self.recorder is not None
-        self.recorder.recording = on
-        self.recorder.latencies_ms = []
-        self.recorder.from_insert_ms = []
+        self.recorder.start(on)
         return {}
 
     async def settle(
@@ -151,8 +149,7 @@ class SocketWorker:
             "closed": sum(1 for s in socks if s.closed),
             "close_codes": sorted({s.close_code for s in socks if s.closed and s.close_code}),
             "last_frame_at": self.recorder.last_frame_at,
-            "latencies_ms": self.recorder.latencies_ms,
-            "from_insert_ms": self.recorder.from_insert_ms,
+            **self.recorder.measured(),
         }
 
     async def close(self, group: str) -> dict[str, Any]:
@@ -394,8 +391,7 @@ class SocketPool:
             "closed": sum(r["closed"] for r in replies),
             "close_codes": sorted({c for r in replies for c in r["close_codes"]}),
             "last_frame_at": max(r["last_frame_at"] for r in replies),
-            "latencies_ms": [x for r in replies for x in r["latencies_ms"]],
-            "from_insert_ms": [x for r in replies for x in r["from_insert_ms"]],
+            **{key: [x for r in replies for x in r[key]] for key in MEASURED},
         }
 
     def record(self, on: bool) -> None:

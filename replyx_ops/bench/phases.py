@@ -113,7 +113,8 @@ class Phases:
         latency = percentiles(settled["latencies_ms"])
         say(f"  latency ms {latency}, lost {settled['lost']}, posted {posted['rate']:.0f}/s")
         say(f"  HTTP ms {percentiles(posted['http_ms'])}, INSERT to frame ms"
-            f" {percentiles(settled['from_insert_ms'])}, server CPU/s {cpu_share}"
+            f" {percentiles(settled['from_insert_ms'])}, POST to arrival ms"
+            f" {percentiles(settled['arrival_ms'])}, server CPU/s {cpu_share}"
             + (f", HTTP errors {bad} {posted['errors']}" if bad or posted["errors"] else ""))
         if stages is not None:
             say(f"  stages p50/p99 ms: {describe(stages)}")
@@ -125,6 +126,8 @@ class Phases:
             "frames": len(settled["latencies_ms"]),
             "http_ms": percentiles(posted["http_ms"]),
             "from_insert_ms": percentiles(settled["from_insert_ms"]),
+            # POST to the frame's arrival at the load generator's kernel, before its read queue.
+            "arrival_ms": percentiles(settled["arrival_ms"]),
             "server_cpu_per_s": cpu_share,
             "duplicates": settled["duplicates"],
             "gaps": settled["gaps"],

@@ -265,6 +265,7 @@ class WorkspaceBench(Phases):
             "http_errors": bad,
             "dialog_sockets": settled["sockets"],
             "dialog_latency_ms": percentiles(settled["latencies_ms"]),
+            "dialog_arrival_ms": percentiles(settled["arrival_ms"]),
             "dialog_lost": settled["lost"] + settled["gaps"],
             "gateway_cpu_s": round(cpu, 3),
             "gateway_cpu_ms_per_msg": round(1000 * cpu / max(1, posted["sent"]), 3),
@@ -278,15 +279,18 @@ class WorkspaceBench(Phases):
                 "sockets": inboxes["sockets"], "frames": inboxes["frames"],
                 "lost": inboxes["lost"], "gaps": inboxes["gaps"], "closed": inboxes["closed"],
                 "latency_ms": percentiles(inboxes["latencies_ms"]),
+                "arrival_ms": percentiles(inboxes["arrival_ms"]),
                 "from_insert_ms": percentiles(inboxes["from_insert_ms"]),
             }
         if churned is not None:
             out["churn"] = churned
-        say(f"  dialog ms {out['dialog_latency_ms']}, lost {out['dialog_lost']},"
+        say(f"  dialog ms {out['dialog_latency_ms']} (arrival {out['dialog_arrival_ms']}),"
+            f" lost {out['dialog_lost']},"
             f" gateway CPU {out['gateway_cpu_ms_per_msg']} ms/msg"
             f" ({out['gateway_cpu_share']:.0%}), gc {gc}, pg {pg}")
         if inboxes is not None:
-            say(f"  inbox ms {out['inbox']['latency_ms']}, frames {inboxes['frames']},"
+            say(f"  inbox ms {out['inbox']['latency_ms']} (arrival {out['inbox']['arrival_ms']}),"
+                f" frames {inboxes['frames']},"
                 f" lost {inboxes['lost']}")
         if churned is not None:
             say(f"  churn {churned}")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
+import struct
 import time
 from datetime import datetime
 
@@ -22,8 +24,46 @@ import orjson
 STAMP_PREFIX = "t="
 
 
+#: Linux's SO_TIMESTAMPNS (and SCM_TIMESTAMPNS): each recvmsg carries the time the kernel
+#: received the data, as a struct timespec. The socket module does not name it.
+_SO_TIMESTAMPNS = 35
+_STAMP = struct.Struct("qq")
+_STAMP_SPACE = socket.CMSG_SPACE(_STAMP.size)
+
+#: What a :class:`Recorder` measures, each a list of milliseconds (see its attributes).
+MEASURED = ("latencies_ms", "from_insert_ms", "arrival_ms")
+
+
 class HandshakeError(Exception):
     pass
+
+
+class StampedSocket(socket.socket):
+    """A TCP socket whose ``recv`` also keeps when the kernel received the data (``arrived``).
+
+    asyncio's transport reads with ``recv``; here that is a ``recvmsg`` whose ancillary data
+    is the arrival time of the newest segment read (so of the last frame in it). The time a
+    frame *arrived* does not depend on how many other sockets this process had to read
+    first; the time it was *read* does, and only the load generator pays that.
+    """
+
+    arrived: float | None = None
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data, ancillary, _, _ = self.recvmsg(bufsize, _STAMP_SPACE, flags)
+        for level, kind, raw in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                seconds, nanoseconds = _STAMP.unpack_from(raw)
+                self.arrived = seconds + nanoseconds * 1e-9
+        return data
+
+    def stamp(self) -> bool:
+        """Ask for arrival times; False where the kernel offers none (then read time is used)."""
+        try:
+            self.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        except OSError:
+            return False
+        return True
 
 
 class Socket(asyncio.Protocol):
@@ -38,6 +78,7 @@ class Socket(asyncio.Protocol):
         self.recorder = recorder
         self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
+        self.stamped: StampedSocket | None = None  # set by open_socket
         self.upgraded = False
         self.buffer = bytearray()
         self.start_seq: int | None = None
@@ -52,6 +93,11 @@ class Socket(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    @property
+    def arrived(self) -> float | None:
+        """When the kernel received the data being handled (None without arrival times)."""
+        return self.stamped.arrived if self.stamped is not None else None
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -175,6 +221,9 @@ class Recorder:
         # From the row's created_at (its INSERT, in the database) to the frame: the part of
         # the latency that is Postgres, NOTIFY and the gateway, without the HTTP backend.
         self.from_insert_ms: list[float] = []
+        # From the POST to the frame's arrival at this machine's kernel: the latency without
+        # this process's own queue (it reads many sockets; a browser reads one).
+        self.arrival_ms: list[float] = []
         self.recording = False
         self.last_frame_at = 0.0
         self.frames = 0
@@ -186,10 +235,21 @@ class Recorder:
         self.last_frame_at = now
         if self.recording and stamp is not None:
             self.latencies_ms.append((now - stamp) * 1000.0)
+            arrived = sock.arrived
+            if arrived is not None:
+                self.arrival_ms.append((arrived - stamp) * 1000.0)
             if created_at:
                 inserted = datetime.fromisoformat(created_at).timestamp()
                 self.from_insert_ms.append((now - inserted) * 1000.0)
         self._waiter.set()
+
+    def start(self, recording: bool) -> None:
+        """Forget what was measured so far; from now on measure only when ``recording``."""
+        self.recording = recording
+        self.latencies_ms, self.from_insert_ms, self.arrival_ms = [], [], []
+
+    def measured(self) -> dict[str, list[float]]:
+        return {key: getattr(self, key) for key in MEASURED}
 
     def changed(self) -> None:
         self._waiter.set()
@@ -211,9 +271,18 @@ async def open_socket(
     loop = asyncio.get_running_loop()
     sock: Socket
     factory = kind or Socket
-    transport, sock = await asyncio.wait_for(
-        loop.create_connection(lambda: factory(group, dialog_id, recorder), host, port), timeout
-    )
+    raw = StampedSocket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.setblocking(False)
+    stamped = raw.stamp()
+    try:
+        await asyncio.wait_for(loop.sock_connect(raw, (host, port)), timeout)
+        transport, sock = await loop.create_connection(
+            lambda: factory(group, dialog_id, recorder), sock=raw)
+    except BaseException:
+        raw.close()
+        raise
+    if stamped:
+        sock.stamped = raw
     transport.write(sock.request(host, port, path, origin))
     try:
         await asyncio.wait_for(asyncio.shield(sock.ready), timeout)
