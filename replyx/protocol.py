@@ -26,6 +26,9 @@ MAX_ID = 2**63 - 1
 
 #: The NOTIFY channel every event travels on; operators ``LISTEN replyx_events;`` in psql.
 NOTIFY_CHANNEL = "replyx_events"
+#: The triggers on ``messages`` that send on it: each message (per row), then the state of
+#: each dialog the statement wrote to (per statement, for inboxes).
+NOTIFY_TRIGGERS = ("messages_notify", "messages_notify_dialogs")
 
 #: ``application_name`` of the gateway's LISTEN connection, of its query pool and of the
 #: backend's pool (``pg_stat_activity`` tells them apart; ``replyx check`` looks for the first).

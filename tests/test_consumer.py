@@ -1,6 +1,7 @@
 """The consumer (ws_gateway/consumer.py), as a pure unit below the real tests.
 
-Every message commit also sends its dialog's new state for inboxes; a gateway with
+Every INSERT on messages also sends the new state of each dialog it wrote to, for
+inboxes (once per statement, after its messages: migration 0007); a gateway with
 no inbox open must not pay for parsing those (``replyx bench``'s many-dialogs
 fan-out), yet must route them again the moment an inbox starts joining.
 

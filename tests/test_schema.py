@@ -181,6 +181,36 @@ def test_notify_fires_on_commit_only_for_any_writer(
         assert list(listener.notifies(timeout=0.3)) == []
 
 
+def test_an_insert_of_many_rows_sends_each_dialogs_state_once_after_its_messages(
+    database_url: str, sql: psycopg.Connection[Any], tenant: Tenant
+) -> None:
+    """One statement writing 4 messages to each of 3 dialogs: 12 messages, then 3 states.
+
+    Each state is the dialog's state after the whole statement (last_seq 4, unread 4), not
+    one stale state per row; the next single-row INSERT still sends message, then state.
+    """
+    dialogs = [new_dialog(sql, tenant) for _ in range(3)]
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        sql.execute(
+            "INSERT INTO messages (dialog_id, sender, text)"
+            " SELECT d, 'visitor', 'm' || i FROM generate_series(1, 4) i, unnest(%s::bigint[]) d",
+            (dialogs,),
+        )
+        sql.execute(INSERT, (dialogs[0], "visitor", "alone"))
+        payloads = [orjson.loads(n.payload) for n in listener.notifies(timeout=2, stop_after=17)]
+        assert list(listener.notifies(timeout=0.3)) == []
+    kinds = [p["type"] for p in payloads]
+    assert kinds == ["message"] * 12 + ["dialog"] * 3 + ["message", "dialog"]
+    states = payloads[12:15]
+    assert [(p["dialog_id"], p["last_seq"], p["unread"]) for p in states] == [
+        (d, 4, 4) for d in sorted(dialogs)
+    ]
+    assert all(p["last_message"]["seq"] == 4 for p in states)
+    assert (payloads[15]["text"], payloads[15]["seq"]) == ("alone", 5)
+    assert (payloads[16]["dialog_id"], payloads[16]["last_seq"]) == (dialogs[0], 5)
+
+
 def test_message_json_is_the_frame(sql: psycopg.Connection[Any], tenant: Tenant) -> None:
     dialog = new_dialog(sql, tenant)
     text = 'quotes " backslash \\ newline \n emoji 😀 tab \t'

@@ -36,7 +36,14 @@ from replyx_ops.bench.load import Process, SocketPool, poster_main
 from replyx_ops.bench.measure import Progress, free_port, machine_info
 from replyx_ops.bench.phases import Phases
 from replyx_ops.bench.profiles import workload_from
-from replyx_ops.bench.servers import BenchDatabase, Tenant, start_backend, start_gateway, start_peer
+from replyx_ops.bench.servers import (
+    BenchDatabase,
+    Tenant,
+    notify_triggers,
+    start_backend,
+    start_gateway,
+    start_peer,
+)
 from replyx_ops.bench.sseclient import as_sse
 from replyx_ops.bench.stages import StageProbe, describe
 
@@ -102,8 +109,7 @@ class Rounds(Phases):
         assert self.pool is not None and self.db is not None
         with self.db.connect() as conn:
             # The peer publishes itself: ReplyX's trigger would NOTIFY a second time for nothing.
-            action = "DISABLE" if stack == "peer" else "ENABLE"
-            conn.execute(f"ALTER TABLE messages {action} TRIGGER messages_notify")
+            conn.execute(notify_triggers("DISABLE" if stack == "peer" else "ENABLE"))
         self.pool.target("127.0.0.1", ws_port)
         result = self.latency_phase(tenant, dialogs, specs, api_port, probe)
         result["many_dialogs"] = self.burst_case(

@@ -44,6 +44,7 @@ from replyx_ops.bench.profiles import add_arguments, workload_from
 from replyx_ops.bench.servers import (
     BenchDatabase,
     Tenant,
+    notify_triggers,
     start_backend,
     start_gateway,
     start_peer,
@@ -130,7 +131,7 @@ class Bench(Phases):
         say("peer: Starlette + uvicorn (4 workers) + broadcaster (Postgres backend)")
         with self.db.connect() as conn:
             # The peer publishes itself; ReplyX's trigger would NOTIFY a second time for nothing.
-            conn.execute("ALTER TABLE messages DISABLE TRIGGER messages_notify")
+            conn.execute(notify_triggers("DISABLE"))
         port = free_port()
         peer = self.start(start_peer, self.env(), port, log_dir)
         time.sleep(2.0)  # all four workers through their lifespan start-up
@@ -155,7 +156,7 @@ class Bench(Phases):
         result["memory"] = self.memory_phase(peer, idle[: self.work.idle_sockets], True)
         self.stop(peer)
         with self.db.connect() as conn:
-            conn.execute("ALTER TABLE messages ENABLE TRIGGER messages_notify")
+            conn.execute(notify_triggers("ENABLE"))
         return result
 
 

@@ -24,6 +24,7 @@ import psycopg
 
 from replyx import schema, security
 from replyx.pg import EmbeddedPostgres, libpq_url, with_database
+from replyx.protocol import NOTIFY_TRIGGERS
 from replyx_ops.bench.load import raise_fd_limit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,6 +146,11 @@ class Tenant:
                 "SELECT id, last_seq FROM dialogs WHERE id = ANY(%s)", (dialog_ids,)
             ).fetchall()
         return {int(r[0]): int(r[1]) for r in rows}
+
+
+def notify_triggers(action: str) -> str:
+    """``ENABLE`` or ``DISABLE`` ReplyX's NOTIFY triggers (the peer's turns publish their own)."""
+    return "ALTER TABLE messages " + ", ".join(f"{action} TRIGGER {t}" for t in NOTIFY_TRIGGERS)
 
 
 def _one(cur: Any) -> int:

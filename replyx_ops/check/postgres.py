@@ -15,12 +15,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from replyx import schema
 from replyx.pg import EmbeddedPostgres, libpq_url, redact_url
 from replyx.protocol import LISTENER_APPLICATION as LISTENER_APP
-from replyx.protocol import MAX_ID
+from replyx.protocol import MAX_ID, NOTIFY_TRIGGERS
 from replyx.protocol import NOTIFY_CHANNEL as CHANNEL
 from replyx_ops.check.base import FAIL, PASS, SKIP, CheckFailed, Probe, Result, short
 
 #: The triggers that make the architecture work (migrations 0001 and 0003).
-TRIGGERS = ("messages_append_only", "messages_assign_seq", "messages_keep_seq", "messages_notify")
+TRIGGERS = ("messages_append_only", "messages_assign_seq", "messages_keep_seq", *NOTIFY_TRIGGERS)
 #: A dialog id no dialog has: the check's NOTIFY is routed to nobody.
 NOWHERE = MAX_ID
 
@@ -77,7 +77,7 @@ class PostgresChecks(Probe):
             raise CheckFailed(
                 f"missing on messages: {', '.join(missing)}",
                 "the schema was changed by hand: restore the triggers of"
-                " migrations/versions/0001_initial.py",
+                " migrations/versions/ (0001_initial.py, 0007_dialog_state_per_statement.py)",
             )
         if disabled:
             raise CheckFailed(
