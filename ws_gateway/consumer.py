@@ -46,8 +46,9 @@ BATCH_SECONDS = 0.01
 # stays open (paused across each turn the listener gets), so a socket whose dialog gets several
 # of them receives them in one send instead of one send per turn.
 BURST_NOTIFICATIONS = 64
-# How long a burst's batch stays open (its last stretch of routing may end after it).
-HOLD_SECONDS = 0.05
+# How long a burst's batch stays open (its last stretch of routing may end after it): each
+# socket gets one send per stretch of this length, and no frame of a burst waits longer.
+HOLD_SECONDS = 0.1
 # How long a burst's batch waits for the listener's next read when the queue runs dry: the
 # burst is over when nothing comes in that time (Postgres delivers a big commit's notifications
 # in reads a fraction of a millisecond apart, further apart on a busy machine).
