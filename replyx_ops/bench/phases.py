@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from replyx.settings import Settings
 from replyx_ops.bench.load import Process, SocketPool
 from replyx_ops.bench.measure import Progress, get_json, percentiles
@@ -143,6 +145,7 @@ class Phases:
         with ``pg_notify`` in the same transaction, exactly what broadcaster sends.
         """
         assert self.db is not None
+        self.quiesce()
         with self.db.connect() as conn:
             conn.execute("BEGIN")
             if publish is None:
@@ -164,6 +167,21 @@ class Phases:
             started = time.time()
             conn.execute("COMMIT")
         return started
+
+    def quiesce(self) -> None:
+        """Before a timed burst: the database's upkeep of what came before, done now.
+
+        The turn before a burst inserted thousands of rows; left alone, autovacuum and the
+        checkpointer take them up whenever their timers say, during one stack's burst and
+        not another's. Done here, before every burst of every stack (as pgbench vacuums
+        before its runs), each burst starts from the same state. CHECKPOINT needs a
+        superuser (or pg_checkpoint); without one only the VACUUM runs.
+        """
+        assert self.db is not None
+        with self.db.connect() as conn:
+            conn.execute("VACUUM (ANALYZE) messages, dialogs")
+            with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
+                conn.execute("CHECKPOINT")
 
     def fanout_phase(self, tenant: Tenant, dialogs: list[int], busy: int, server: Server,
                      label: str, busy_specs: list[tuple[int, str, str | None]],

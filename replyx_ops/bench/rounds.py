@@ -38,6 +38,7 @@ from replyx_ops.bench.phases import Phases
 from replyx_ops.bench.profiles import workload_from
 from replyx_ops.bench.servers import (
     BenchDatabase,
+    Server,
     Tenant,
     notify_triggers,
     start_backend,
@@ -66,18 +67,18 @@ class Rounds(Phases):
         log_dir = self.run_dir / "log"
         backend_port, gateway_port, peer_port = free_port(), free_port(), free_port()
         self.start(start_backend, self.env(), backend_port, log_dir)
-        self.start(start_gateway, self.env(), gateway_port, log_dir)
-        self.start(start_peer, self.env(), peer_port, log_dir)
+        gateway = self.start(start_gateway, self.env(), gateway_port, log_dir)
+        peer = self.start(start_peer, self.env(), peer_port, log_dir)
         time.sleep(2.0)  # all four peer workers through their lifespan start-up
         self.pool = SocketPool(work.load_workers, "127.0.0.1", gateway_port)
         self.poster = Process(poster_main)
         probe = StageProbe(f"http://127.0.0.1:{backend_port}/metrics",
                            f"http://127.0.0.1:{gateway_port}/metrics")
         pairs = [spec for d in dialogs for spec in tenant.pair(d)]
-        turns: dict[str, tuple[int, int, list[Spec], StageProbe | None]] = {
-            "replyx": (gateway_port, backend_port, pairs, probe),
-            "replyx_sse": (gateway_port, backend_port, as_sse(pairs), probe),
-            "peer": (peer_port, peer_port,
+        turns: dict[str, tuple[Server, int, int, list[Spec], StageProbe | None]] = {
+            "replyx": (gateway, gateway_port, backend_port, pairs, probe),
+            "replyx_sse": (gateway, gateway_port, backend_port, as_sse(pairs), probe),
+            "peer": (peer, peer_port, peer_port,
                      [(d, f"/ws/dialogs/{d}?site_token={tenant.site_token}", None)
                       for d in dialogs for _ in range(2)], None),
         }
@@ -88,10 +89,10 @@ class Rounds(Phases):
             results: dict[str, list[dict[str, Any]]] = {stack: [] for stack in STACKS}
             for index in range(1, rounds + 1):
                 for stack in STACKS:
-                    ws_port, api_port, specs, stage_probe = turns[stack]
+                    server, ws_port, api_port, specs, stage_probe = turns[stack]
                     say(f"round {index}/{rounds} at {rate:g} msg/s: {stack}")
-                    results[stack].append(self.turn(tenant, dialogs, stack, ws_port, api_port,
-                                                    specs, stage_probe))
+                    results[stack].append(self.turn(tenant, dialogs, stack, server, ws_port,
+                                                    api_port, specs, stage_probe))
             by_rate[f"{rate:g}"] = summarise_rate(results)
         self.work = work
         return {
@@ -104,8 +105,10 @@ class Rounds(Phases):
                          "burst_per_dialog": work.burst_per_dialog},
         }
 
-    def turn(self, tenant: Tenant, dialogs: list[int], stack: str, ws_port: int,
-             api_port: int, specs: list[Spec], probe: StageProbe | None) -> dict[str, Any]:
+    def turn(self, tenant: Tenant, dialogs: list[int], stack: str, server: Server,
+             ws_port: int, api_port: int, specs: list[Spec], probe: StageProbe | None
+             ) -> dict[str, Any]:
+        """One stack's latency phase, then its many-dialogs burst (with ``server``'s CPU)."""
         assert self.pool is not None and self.db is not None
         with self.db.connect() as conn:
             # The peer publishes itself: ReplyX's trigger would NOTIFY a second time for nothing.
@@ -114,7 +117,7 @@ class Rounds(Phases):
         result = self.latency_phase(tenant, dialogs, specs, api_port, probe)
         result["many_dialogs"] = self.burst_case(
             tenant, "many_dialogs", dialogs, self.work.burst_per_dialog, ["latency"], len(specs),
-            "dialog_" if stack == "peer" else None)
+            "dialog_" if stack == "peer" else None, server)
         self.pool.close("latency")
         return result
 
@@ -147,6 +150,9 @@ def summarise_rate(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         }
     ours, sse, peer = results["replyx"], results["replyx_sse"], results["peer"]
     summary["fanout_ratio_per_round"] = _ratios(ours, peer, _fanout)
+    # The same bursts per CPU-second of each server: what the rest of the machine did meanwhile
+    # does not enter (the peer's four workers may use both cores, the gateway one).
+    summary["fanout_per_cpu_ratio_per_round"] = _ratios(ours, peer, _fanout_per_cpu)
     summary["sse_p99_ratio_per_round"] = _ratios(sse, ours, _p99)
     summary["sse_fanout_ratio_per_round"] = _ratios(sse, ours, _fanout)
     summary["stages"] = _median_stages([t.get("stages") or {} for t in ours])
@@ -170,6 +176,10 @@ def _p99(turn: dict[str, Any]) -> float:
 
 def _fanout(turn: dict[str, Any]) -> float:
     return float(turn["many_dialogs"]["frames_per_s"])
+
+
+def _fanout_per_cpu(turn: dict[str, Any]) -> float:
+    return float(turn["many_dialogs"].get("frames_per_cpu_s") or 0.0)
 
 
 def _ratios(a: list[dict[str, Any]], b: list[dict[str, Any]],
@@ -214,6 +224,7 @@ def table(result: dict[str, Any]) -> str:
         lost = [str(summary[stack]["lost"]) for stack in STACKS]
         lines.append(f"  {'lost':18} {lost[0]:26} {lost[1]:26} {lost[2]}")
         for key, label in (("fanout_ratio_per_round", "fan-out WS/peer"),
+                           ("fanout_per_cpu_ratio_per_round", "fan-out per CPU-s WS/peer"),
                            ("sse_p99_ratio_per_round", "p99 SSE/WS"),
                            ("sse_fanout_ratio_per_round", "fan-out SSE/WS")):
             lines.append(f"  {label} per round: "
