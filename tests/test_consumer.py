@@ -14,6 +14,7 @@ write to a socket with nothing held is not held meanwhile.
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any, cast
 
 import orjson
@@ -71,9 +72,11 @@ class Writer:
     def __init__(self, dialog_id: int) -> None:
         self.dialog_id = dialog_id
         self.writes: list[bytes] = []
+        self.collecting: list[bool] = []  # whether the garbage collector was on, per write
 
     def write(self, data: bytes) -> bool:
         self.writes.append(data)
+        self.collecting.append(gc.isenabled())
         return True
 
     def fail(self, code: int, reason: str) -> None:
@@ -116,7 +119,9 @@ async def test_a_burst_over_many_dialogs_reaches_each_socket_in_few_sends_and_in
     connection (as a burst committed in one transaction arrives), the reads one or a few turns
     of the loop apart (a busy Postgres delivers them later than the consumer's next turn): each
     socket gets its 20 frames in order, in a few sends. One batch per read would be 20 sends
-    per socket."""
+    per socket. No garbage collection runs while the burst's batch is open (the burst's
+    own objects all die when it ends), and collections are back on afterwards."""
+    assert gc.isenabled()
     batch, stats = WriteBatch(), Stats()
     router = Router(cast(Any, None), stats)
     consumer = Consumer(router, cast(Any, Workspace()), cast(Any, None), stats, batch)
@@ -141,6 +146,9 @@ async def test_a_burst_over_many_dialogs_reaches_each_socket_in_few_sends_and_in
     sends = [len(sock.writer.writes) for sock in sockets]
     assert sum(sends) <= 5 * len(sockets), f"{sum(sends)} sends for {20 * len(sockets)} frames"
     assert stats.frames_sent == 2000
+    # The burst's frames left while collections were off; they are on again.
+    assert not any(on for sock in sockets for on in sock.writer.collecting)
+    assert gc.isenabled()
 
 
 def test_while_a_batch_is_paused_a_socket_with_nothing_held_is_written_at_once() -> None:

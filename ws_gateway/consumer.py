@@ -25,6 +25,7 @@ from typing import Protocol
 
 from replyx.protocol import CloseCode, FrameType
 from replyx.timing import GatewayStage
+from ws_gateway import gctune
 from ws_gateway.events import (
     DIALOG_PREFIX,
     BadPayloadError,
@@ -189,7 +190,9 @@ class Consumer:
         for up to ``HOLD_SECONDS``. In a burst over many dialogs a
         dialog's next message can be hundreds of notifications away, further than one
         read of the LISTEN connection; held this way, its sockets get its messages in
-        one send, and the client one read, instead of one each.
+        one send, and the client one read, instead of one each. While a burst's batch is
+        open no garbage collection runs (``gctune.hold``): what the burst allocates dies
+        when it ends, and a collection meanwhile would only walk it.
         """
         queue = self.queue
         batch = self.batch
@@ -197,6 +200,7 @@ class Consumer:
             item = await queue.get()
             started = time.monotonic()
             batch.open()
+            collecting: bool | None = None  # collections were on before this burst
             try:
                 await self._handle(*item)
                 routed = 1
@@ -207,6 +211,8 @@ class Consumer:
                         routed += 1
                     if routed < BURST_NOTIFICATIONS or time.monotonic() >= started + HOLD_SECONDS:
                         break
+                    if collecting is None:
+                        collecting = gctune.hold()  # see ws_gateway/gctune.py
                     batch.pause()
                     await asyncio.sleep(0)
                     if queue.empty():
@@ -219,6 +225,8 @@ class Consumer:
                 batch.flush()
                 self._time_batch()
                 self.router.broadcasts.flush()
+                if collecting is not None:
+                    gctune.release(collecting)
             await asyncio.sleep(0)
 
     def _time_batch(self) -> None:
