@@ -171,3 +171,48 @@ def test_while_a_batch_is_paused_a_socket_with_nothing_held_is_written_at_once()
     assert other.writes == [b"replay", b"routed"]
     batch.write(held, b"later")  # no batch open: at once
     assert held.writes == [b"firstsecond", b"later"]
+
+
+class RefRouter(Router):
+    """Reads a message_ref's row as the real router does: an await (here a short sleep)."""
+
+    def __init__(self, stats: Stats) -> None:
+        super().__init__(cast(Any, None), stats)
+        self.collecting_while_reading: list[bool] = []
+
+    async def resolve_and_route(self, event: Any) -> None:
+        self.collecting_while_reading.append(gc.isenabled())
+        await asyncio.sleep(0.01)
+        self.route(type(event)("message", event.dialog_id, event.seq, event.message_id,
+                               message(event.dialog_id, event.seq).encode()))
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_collections_are_off_while_a_batch_routes_and_on_while_a_message_ref_is_read(
+) -> None:
+    """A batch routes with the garbage collector off (no collection between a notification and
+    its frames), but a message_ref's database read, an await of unknown length, runs with it on;
+    afterwards it is on."""
+    assert gc.isenabled()
+    batch, stats = WriteBatch(), Stats()
+    router = RefRouter(stats)
+    consumer = Consumer(router, cast(Any, Workspace()), cast(Any, None), stats, batch)
+    sock = Socket(7, batch)
+    router.dialogs[7] = {cast(Any, sock)}
+    consumer.start()
+    try:
+        consumer.put(message(7, 1))
+        consumer.put(orjson.dumps({"type": "message_ref", "dialog_id": 7, "seq": 2,
+                                   "id": 7002}).decode())
+        consumer.put(message(7, 3))
+        for _ in range(400):
+            if sock.writer.seqs() == [1, 2, 3]:
+                break
+            await asyncio.sleep(0.005)
+    finally:
+        await consumer.stop()
+    assert sock.writer.seqs() == [1, 2, 3]
+    assert router.collecting_while_reading == [True]
+    # 1 and 3 leave from the batch, collections off; 2 at the end of its read, outside it.
+    assert sock.writer.collecting == [False, True, False]
+    assert gc.isenabled()

@@ -156,6 +156,8 @@ class Consumer:
         self._task: asyncio.Task[None] | None = None
         # Messages of the batch being routed: (read, taken, parsed) times, for the stages.
         self._timed: list[tuple[float, float, float]] = []
+        # While a batch is open: whether collections were on before it (None: not held).
+        self._collecting: bool | None = None
 
     def put(self, payload: str) -> None:
         """The listener's callback: queue and return (parsing and routing happen in the task).
@@ -190,9 +192,12 @@ class Consumer:
         for up to ``HOLD_SECONDS``. In a burst over many dialogs a
         dialog's next message can be hundreds of notifications away, further than one
         read of the LISTEN connection; held this way, its sockets get its messages in
-        one send, and the client one read, instead of one each. While a burst's batch is
-        open no garbage collection runs (``gctune.hold``): what the burst allocates dies
-        when it ends, and a collection meanwhile would only walk it.
+        one send, and the client one read, instead of one each.
+
+        No garbage collection runs while a batch is open (``gctune.hold``; released across
+        a ``message_ref``'s database read): a collection never stands between a
+        notification and its frames, and never walks what a burst allocates, which all
+        dies when the burst ends.
         """
         queue = self.queue
         batch = self.batch
@@ -200,7 +205,7 @@ class Consumer:
             item = await queue.get()
             started = time.monotonic()
             batch.open()
-            collecting: bool | None = None  # collections were on before this burst
+            self._hold_collections()
             try:
                 await self._handle(*item)
                 routed = 1
@@ -211,8 +216,6 @@ class Consumer:
                         routed += 1
                     if routed < BURST_NOTIFICATIONS or time.monotonic() >= started + HOLD_SECONDS:
                         break
-                    if collecting is None:
-                        collecting = gctune.hold()  # see ws_gateway/gctune.py
                     batch.pause()
                     await asyncio.sleep(0)
                     if queue.empty():
@@ -225,9 +228,20 @@ class Consumer:
                 batch.flush()
                 self._time_batch()
                 self.router.broadcasts.flush()
-                if collecting is not None:
-                    gctune.release(collecting)
+                self._release_collections()
             await asyncio.sleep(0)
+
+    def _hold_collections(self) -> None:
+        if self._collecting is None:
+            self._collecting = gctune.hold()  # see ws_gateway/gctune.py
+
+    def _release_collections(self) -> bool:
+        """Collections as they were before the batch; whether they had been held."""
+        if self._collecting is None:
+            return False
+        gctune.release(self._collecting)
+        self._collecting = None
+        return True
 
     def _time_batch(self) -> None:
         """Stages of the batch's messages, now that their frames are with the kernel."""
@@ -269,10 +283,13 @@ class Consumer:
                 # this batch holds goes out first, and their writes must not be held, since
                 # their pacing waits on real writes.
                 self.batch.flush()
+                held = self._release_collections()  # an await of unknown length
                 try:
                     await self.router.resolve_and_route(event)
                 finally:
                     self.batch.open()
+                    if held:
+                        self._hold_collections()
             else:
                 self.router.route(event)
         except Exception:

@@ -21,17 +21,20 @@ new sockets fill the young list, young collections came seconds apart and walked
 (the young generation every 50 ms, the middle one every second) was tried and not
 kept: middle collections of 25-50 ms, a worse churn p99.
 
-A burst's batch (``ws_gateway/consumer.py``: thousands of notifications routed
-into frames held for up to ~110 ms) runs with collections off (:func:`hold`,
-:func:`release`). Everything it allocates — queued payloads, held frames, timing
-tuples, log lines — is alive until it ends and dead right after, by reference
-counting; a young collection inside it walked them all for nothing (1-2 of 5-25 ms
-per burst at 1,000 msg/s), and a middle one, once every 20 young ones, walked every
-socket opened since the last (120-135 ms after 2,000 sockets had connected) in the
-middle of the burst. After the burst the next collection finds little young.
+The consumer's batches (``ws_gateway/consumer.py``: notifications routed into held
+frames, up to 10 ms; a burst's, thousands of them, up to ~110 ms) run with
+collections off (:func:`hold`, :func:`release`), so a collection never stands
+between a notification and its frames. In a burst everything allocated — queued
+payloads, held frames, timing tuples, log lines — is alive until it ends and dead
+right after, by reference counting; a young collection inside it walked them all for
+nothing (1-2 of 5-25 ms per burst at 1,000 msg/s), and a middle one, once every 20
+young ones, walked every socket opened since the last (120-135 ms after 2,000
+sockets had connected) in the middle of the burst. After the batch, the next
+allocation anywhere runs the collection that is due, over little that is young.
 
 Invariant: collections still happen (cyclic garbage is reclaimed), only less often,
-and never inside a burst's batch; :func:`tune` is called once, from the process
+and never inside a batch of the consumer (which releases them across its one await
+of unknown length, a ``message_ref``'s read); :func:`tune` is called once, from the process
 entry point, never in a process that hosts others (the tests run gateways inside
 pytest); :func:`hold` / :func:`release` only ever turn off what was on, and back.
 """
