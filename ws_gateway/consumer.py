@@ -235,13 +235,11 @@ class Consumer:
         if self._collecting is None:
             self._collecting = gctune.hold()  # see ws_gateway/gctune.py
 
-    def _release_collections(self) -> bool:
-        """Collections as they were before the batch; whether they had been held."""
-        if self._collecting is None:
-            return False
-        gctune.release(self._collecting)
-        self._collecting = None
-        return True
+    def _release_collections(self) -> None:
+        """Collections as they were before the batch."""
+        if self._collecting is not None:
+            gctune.release(self._collecting)
+            self._collecting = None
 
     def _time_batch(self) -> None:
         """Stages of the batch's messages, now that their frames are with the kernel."""
@@ -283,13 +281,12 @@ class Consumer:
                 # this batch holds goes out first, and their writes must not be held, since
                 # their pacing waits on real writes.
                 self.batch.flush()
-                held = self._release_collections()  # an await of unknown length
+                self._release_collections()  # an await of unknown length
                 try:
                     await self.router.resolve_and_route(event)
                 finally:
                     self.batch.open()
-                    if held:
-                        self._hold_collections()
+                    self._hold_collections()
             else:
                 self.router.route(event)
         except Exception:
