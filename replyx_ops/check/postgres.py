@@ -19,7 +19,7 @@ from replyx.protocol import MAX_ID, NOTIFY_TRIGGERS
 from replyx.protocol import NOTIFY_CHANNEL as CHANNEL
 from replyx_ops.check.base import FAIL, PASS, SKIP, CheckFailed, Probe, Result, short
 
-#: The triggers that make the architecture work (migrations 0001 and 0003).
+#: The triggers that make the architecture work (migrations 0001, 0003 and 0007).
 TRIGGERS = ("messages_append_only", "messages_assign_seq", "messages_keep_seq", *NOTIFY_TRIGGERS)
 #: A dialog id no dialog has: the check's NOTIFY is routed to nobody.
 NOWHERE = MAX_ID
