@@ -14,7 +14,7 @@ import pytest
 from replyx import schema
 from replyx.protocol import NOTIFY_CHANNEL
 from replyx.settings import Settings
-from tests.fix_db import Tenant, make_settings, new_database, run_async
+from tests.fix_db import Tenant, create_tenant, make_settings, new_database, run_async
 
 
 def new_dialog(sql: psycopg.Connection[Any], tenant: Tenant, channel: str = "site") -> int:
@@ -259,6 +259,44 @@ def test_migrations_downgrade_and_upgrade_again(database_url: str) -> None:
         assert schema.current_revision(url) is None
         schema.upgrade(url)
         assert schema.current_revision(url) == schema.head_revision()
+
+
+def test_a_dialogs_state_renders_as_before_with_a_plan_each_session_keeps(
+    database_url: str,
+) -> None:
+    """Migration 0008 only changes replyx_dialog_json's language (sql → plpgsql, so its
+    subquery is not planned again by every statement that calls it): every byte of the
+    inbox's ``dialog`` frame is the one the 0007 function rendered."""
+    with new_database(database_url, "replyx_mig") as url:
+        schema.upgrade(url)
+        tenant = create_tenant(url)
+        with psycopg.connect(url, autocommit=True) as sql:
+            dialogs = [new_dialog(sql, tenant, channel) for channel in ("site", "widget")]
+            sql.execute(INSERT, (dialogs[0], "visitor", 'a "quoted" ' + "ж" * 300))
+            sql.execute(INSERT, (dialogs[0], "operator", "answer\n"))
+            sql.execute("UPDATE dialogs SET operator_read_seq = 1 WHERE id = %s", (dialogs[0],))
+            render = ("SELECT replyx_dialog_json(d) FROM dialogs d WHERE d.id = ANY(%s)"
+                      " ORDER BY d.id")
+
+            def rendered() -> list[str]:
+                return [row[0] for row in sql.execute(render, (dialogs,)).fetchall()]
+
+            def language() -> str:
+                row = sql.execute("SELECT l.lanname FROM pg_proc p JOIN pg_language l"
+                                  " ON l.oid = p.prolang WHERE p.proname = 'replyx_dialog_json'"
+                                  ).fetchone()
+                assert row is not None
+                return str(row[0])
+
+            now = rendered()
+            assert language() == "plpgsql"
+            schema.downgrade(url, "0007_dialog_state_per_statement")
+            assert (language(), rendered()) == ("sql", now)
+            schema.upgrade(url)
+            assert (language(), rendered()) == ("plpgsql", now)
+    first = orjson.loads(now[0])
+    assert (first["last_seq"], first["operator_read_seq"], first["unread"]) == (2, 1, 0)
+    assert first["last_message"]["text"] == "answer\n"
 
 
 def test_messages_are_append_only(sql: psycopg.Connection[Any], tenant: Tenant) -> None:
