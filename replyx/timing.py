@@ -13,7 +13,9 @@ A message's way from the sender to a socket, on the product's own clocks:
   the LISTEN connection; ``queue``: read → taken by the consumer; ``parse``;
   ``deliver``: parsed → its frames handed to the kernel (the batch flushed).
 
-The client's receive time closes the chain (``replyx bench`` measures it).
+The client's receive time closes the chain (``replyx bench`` measures it). The backend
+times every posted message; the gateway a sample (every message of a batch up to a
+burst's first 64, one in 16 past that: ``ws_gateway/consumer.py``).
 Invariant: both processes use these names and :data:`STAGE_BUCKETS`, so the
 bench reads every stage's histogram the same way; the buckets are fine enough
 (±20 % from 25 µs to 5 s) for a median and a p99 to be read off them.

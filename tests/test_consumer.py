@@ -216,3 +216,44 @@ async def test_collections_are_off_while_a_batch_routes_and_on_while_a_message_r
     # 1 and 3 leave from the batch, collections off; 2 at the end of its read, outside it.
     assert sock.writer.collecting == [False, True, False]
     assert gc.isenabled()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_burst_is_timed_by_sample_and_steady_traffic_in_full() -> None:
+    """The stage and lag histograms take every message of a batch up to a burst's 64, then one
+    in 16 (their clocks were a tenth of a burst's CPU); a small batch is timed in full, and
+    every message is routed either way."""
+    batch, stats = WriteBatch(), Stats()
+    router = Router(cast(Any, None), stats)
+    consumer = Consumer(router, cast(Any, Workspace()), cast(Any, None), stats, batch)
+    sockets = [Socket(dialog_id, batch) for dialog_id in range(1, 9)]
+    for sock in sockets:
+        router.dialogs[sock.dialog_id] = {cast(Any, sock)}
+    for seq in range(1, 17):  # 128 messages queued at once: one batch
+        for sock in sockets:
+            consumer.put(message(sock.dialog_id, seq))
+
+    def timed(stage: str) -> int:
+        return sum(stats.stages.counts[stage])
+
+    consumer.start()
+    try:
+        for _ in range(400):
+            if all(len(s.writer.seqs()) == 16 for s in sockets):
+                break
+            await asyncio.sleep(0.005)
+        burst = timed("notify"), timed("deliver"), sum(stats.lag.counts[""])
+        for sock in sockets[:5]:  # then steady traffic: a batch of five
+            consumer.put(message(sock.dialog_id, 17))
+        for _ in range(400):
+            if timed("deliver") == burst[1] + 5:
+                break
+            await asyncio.sleep(0.005)
+    finally:
+        await consumer.stop()
+    assert all(sock.writer.seqs() == list(range(1, 17)) for sock in sockets[5:])
+    assert all(sock.writer.seqs() == list(range(1, 18)) for sock in sockets[:5])
+    assert burst == (64 + 64 // 16,) * 3
+    assert (timed("notify"), timed("queue"), timed("parse"), timed("deliver")) == (73,) * 4
+    assert sum(stats.lag.counts[""]) == 73
+    assert stats.last_lag is not None

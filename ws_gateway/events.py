@@ -58,7 +58,7 @@ class Event(NamedTuple):
     seq: int = 0
     message_id: int = 0
     payload: bytes = b""  # the frame's JSON text, for message and typing
-    created: float | None = None  # a message's created_at as a Unix time, when parseable
+    created_at: str | None = None  # a message's, as the trigger sent it (see unix_time)
 
 
 @dataclass(slots=True, frozen=True)
@@ -199,12 +199,14 @@ def parse_event(payload: str | bytes) -> Event | DialogEvent | TeamEvent | Prese
     created_at = data.get("created_at")
     if not isinstance(created_at, str):
         raise BadPayloadError("message without created_at")
-    return Event("message", dialog_id, seq, message_id, raw, _unix_time(created_at))
+    return Event("message", dialog_id, seq, message_id, raw, created_at)
 
 
-def _unix_time(created_at: str) -> float | None:
-    """A message's ``created_at`` as a Unix time, read once (the stages and the lag use it);
-    ``None`` when unparseable: the message is still routed, only not timed."""
+def unix_time(created_at: str | None) -> float | None:
+    """A message's ``created_at`` as a Unix time, read only for the messages the consumer
+    times; ``None`` when absent or unparseable: the message is still routed, only not timed."""
+    if created_at is None:
+        return None
     try:
         return datetime.fromisoformat(created_at).timestamp()
     except ValueError:

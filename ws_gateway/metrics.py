@@ -116,7 +116,7 @@ class Stats:
             "Time from a message's creation in the database to its routing by the gateway",
             LAG_BUCKETS,
         )
-        self.last_lag: float | None = None  # of the last message routed, for /health
+        self.last_lag: float | None = None  # of the last message timed, for /health
 
     def observe_lag(self, seconds: float) -> None:
         self.last_lag = seconds

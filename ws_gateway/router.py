@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
@@ -169,8 +168,6 @@ class Router:
             return
         self._tick += 1
         self.stats.messages_routed += 1
-        if event.created is not None:
-            self.stats.observe_lag(time.time() - event.created)
         if not subs:
             return
         self.broadcasts.add(
