@@ -1,4 +1,8 @@
-"""Small measuring helpers of ``replyx bench``: progress lines, percentiles, the machine."""
+"""Small measuring helpers of ``replyx bench``: progress lines, percentiles, the machine,
+where a result is written.
+
+Invariant: a benchmark never overwrites an earlier result (:func:`result_stem`).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,18 @@ class Progress:
     def __call__(self, message: str) -> None:
         print(f"[bench {time.monotonic() - self.started:6.1f}s] {message}",
               file=sys.stderr, flush=True)
+
+
+def result_stem(output: Path, name: str, suffixes: tuple[str, ...] = (".json",)) -> Path:
+    """``output/name``, or ``output/name-2``, ``-3``…: the first stem with no file of any of
+    ``suffixes`` yet. A second run on the same day (every name carries the date) is kept next
+    to the first, not written over it; ``bench/results`` holds committed runs."""
+    output.mkdir(parents=True, exist_ok=True)
+    stem, n = name, 1
+    while any((output / (stem + suffix)).exists() for suffix in suffixes):
+        n += 1
+        stem = f"{name}-{n}"
+    return output / stem
 
 
 #: Where free ports are drawn from: at or above this, and below the kernel's ephemeral range.

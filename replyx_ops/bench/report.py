@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from replyx_ops.bench.measure import result_stem
+
 # The targets, each as (name, how to check it on a result).
 P99_TARGET_MS = 25.0
 FANOUT_VS_NAIVE = 3.0
@@ -95,11 +97,11 @@ def table(r: dict[str, Any]) -> str:
 
 
 def save(r: dict[str, Any], output: Path) -> list[Path]:
-    output.mkdir(parents=True, exist_ok=True)
-    json_path = output / f"{r['date']}.json"
+    stem = result_stem(output, r["date"], (".json", ".png"))
+    json_path = stem.with_name(stem.name + ".json")
     json_path.write_text(json.dumps(r, indent=2) + "\n")
     paths = [json_path]
-    png = plot(r, output / f"{r['date']}.png")
+    png = plot(r, stem.with_name(stem.name + ".png"))
     if png is not None:
         paths.append(png)
     return paths

@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 
+from replyx_ops.bench.measure import result_stem
 from replyx_ops.bench.servers import BenchDatabase
 
 PRESENCE_TABLES = ["gateways", "presence_operators", "presence_visitors", "presence_version"]
@@ -228,7 +229,7 @@ def table(r: dict[str, Any]) -> str:
 
 
 def save(r: dict[str, Any], output: Path) -> Path:
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / f"workspace-{r['date']}.json"
+    stem = result_stem(output, f"workspace-{r['date']}")
+    path = stem.with_name(stem.name + ".json")
     path.write_text(json.dumps(r, indent=2) + "\n")
     return path
