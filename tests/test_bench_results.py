@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from replyx_ops.bench import rounds, workspace_report
-from replyx_ops.bench.measure import result_stem
+from replyx_ops.bench.measure import result_paths
 
 
 def test_a_second_result_of_the_day_is_kept_next_to_the_first(tmp_path: Path) -> None:
@@ -25,7 +25,10 @@ def test_a_second_result_of_the_day_is_kept_next_to_the_first(tmp_path: Path) ->
 
 
 def test_a_stem_is_free_only_when_none_of_its_files_exist(tmp_path: Path) -> None:
-    assert result_stem(tmp_path, "2026-12-07", (".json", ".png")).name == "2026-12-07"
+    def names() -> list[str]:
+        return [p.name for p in result_paths(tmp_path, "2026-12-07", (".json", ".png"))]
+
+    assert names() == ["2026-12-07.json", "2026-12-07.png"]
     (tmp_path / "2026-12-07.png").write_bytes(b"")  # a plot without its JSON still counts
     (tmp_path / "2026-12-07-2.json").write_text("{}")
-    assert result_stem(tmp_path, "2026-12-07", (".json", ".png")).name == "2026-12-07-3"
+    assert names() == ["2026-12-07-3.json", "2026-12-07-3.png"]

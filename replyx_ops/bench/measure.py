@@ -1,7 +1,7 @@
 """Small measuring helpers of ``replyx bench``: progress lines, percentiles, the machine,
 where a result is written.
 
-Invariant: a benchmark never overwrites an earlier result (:func:`result_stem`).
+Invariant: a benchmark never overwrites an earlier result (:func:`result_paths`).
 """
 
 from __future__ import annotations
@@ -29,16 +29,18 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
-def result_stem(output: Path, name: str, suffixes: tuple[str, ...] = (".json",)) -> Path:
-    """``output/name``, or ``output/name-2``, ``-3``…: the first stem with no file of any of
-    ``suffixes`` yet. A second run on the same day (every name carries the date) is kept next
-    to the first, not written over it; ``bench/results`` holds committed runs."""
+def result_paths(output: Path, name: str, suffixes: tuple[str, ...] = (".json",)
+                 ) -> list[Path]:
+    """Where one result goes, a path per suffix: ``output/name<suffix>``, or under
+    ``name-2``, ``-3``…, the first stem with no file of any of ``suffixes`` yet. A second run
+    on the same day (every name carries the date) is kept next to the first, not written
+    over it; ``bench/results`` holds committed runs."""
     output.mkdir(parents=True, exist_ok=True)
     stem, n = name, 1
     while any((output / (stem + suffix)).exists() for suffix in suffixes):
         n += 1
         stem = f"{name}-{n}"
-    return output / stem
+    return [output / (stem + suffix) for suffix in suffixes]
 
 
 #: Where free ports are drawn from: at or above this, and below the kernel's ephemeral range.

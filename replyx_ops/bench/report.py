@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from replyx_ops.bench.measure import result_stem
+from replyx_ops.bench.measure import result_paths
 
 # The targets, each as (name, how to check it on a result).
 P99_TARGET_MS = 25.0
@@ -97,11 +97,10 @@ def table(r: dict[str, Any]) -> str:
 
 
 def save(r: dict[str, Any], output: Path) -> list[Path]:
-    stem = result_stem(output, r["date"], (".json", ".png"))
-    json_path = stem.with_name(stem.name + ".json")
+    json_path, png_path = result_paths(output, r["date"], (".json", ".png"))
     json_path.write_text(json.dumps(r, indent=2) + "\n")
     paths = [json_path]
-    png = plot(r, stem.with_name(stem.name + ".png"))
+    png = plot(r, png_path)
     if png is not None:
         paths.append(png)
     return paths

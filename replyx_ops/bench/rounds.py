@@ -33,7 +33,7 @@ from typing import Any
 
 from replyx.settings import Settings
 from replyx_ops.bench.load import Process, SocketPool, poster_main
-from replyx_ops.bench.measure import Progress, free_port, machine_info, result_stem
+from replyx_ops.bench.measure import Progress, free_port, machine_info, result_paths
 from replyx_ops.bench.phases import Phases
 from replyx_ops.bench.profiles import workload_from
 from replyx_ops.bench.servers import (
@@ -240,8 +240,7 @@ def _cell(spread: dict[str, float | None]) -> str:
 
 
 def save(result: dict[str, Any], output: Path) -> Path:
-    stem = result_stem(output, f"rounds-{result['date']}")
-    path = stem.with_name(stem.name + ".json")
+    (path,) = result_paths(output, f"rounds-{result['date']}")
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path
 

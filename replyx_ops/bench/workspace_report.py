@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from replyx_ops.bench.measure import result_stem
+from replyx_ops.bench.measure import result_paths
 from replyx_ops.bench.servers import BenchDatabase
 
 PRESENCE_TABLES = ["gateways", "presence_operators", "presence_visitors", "presence_version"]
@@ -229,7 +229,6 @@ def table(r: dict[str, Any]) -> str:
 
 
 def save(r: dict[str, Any], output: Path) -> Path:
-    stem = result_stem(output, f"workspace-{r['date']}")
-    path = stem.with_name(stem.name + ".json")
+    (path,) = result_paths(output, f"workspace-{r['date']}")
     path.write_text(json.dumps(r, indent=2) + "\n")
     return path
