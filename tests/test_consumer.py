@@ -103,6 +103,17 @@ class Socket:
         return self.batch.write(self.writer, frame)
 
 
+def wired(dialog_ids: range) -> tuple[Stats, Consumer, list[Socket]]:
+    """A consumer and a router with one live socket on each of ``dialog_ids``."""
+    batch, stats = WriteBatch(), Stats()
+    router = Router(cast(Any, None), stats)
+    consumer = Consumer(router, cast(Any, Workspace()), cast(Any, None), stats, batch)
+    sockets = [Socket(dialog_id, batch) for dialog_id in dialog_ids]
+    for sock in sockets:
+        router.dialogs[sock.dialog_id] = {cast(Any, sock)}
+    return stats, consumer, sockets
+
+
 def message(dialog_id: int, seq: int) -> str:
     return orjson.dumps({
         "type": "message", "dialog_id": dialog_id, "seq": seq, "id": dialog_id * 1000 + seq,
@@ -122,12 +133,7 @@ async def test_a_burst_over_many_dialogs_reaches_each_socket_in_few_sends_and_in
     per socket. No garbage collection runs while the burst's batch is open (the burst's
     own objects all die when it ends), and collections are back on afterwards."""
     assert gc.isenabled()
-    batch, stats = WriteBatch(), Stats()
-    router = Router(cast(Any, None), stats)
-    consumer = Consumer(router, cast(Any, Workspace()), cast(Any, None), stats, batch)
-    sockets = [Socket(dialog_id, batch) for dialog_id in range(1, 101)]
-    for sock in sockets:
-        router.dialogs[sock.dialog_id] = {cast(Any, sock)}
+    stats, consumer, sockets = wired(range(1, 101))
     consumer.start()
     try:
         for seq in range(1, 21):
@@ -223,12 +229,7 @@ async def test_a_burst_is_timed_by_sample_and_steady_traffic_in_full() -> None:
     """The stage and lag histograms take every message of a batch up to a burst's 64, then one
     in 16 (their clocks were a tenth of a burst's CPU); a small batch is timed in full, and
     every message is routed either way."""
-    batch, stats = WriteBatch(), Stats()
-    router = Router(cast(Any, None), stats)
-    consumer = Consumer(router, cast(Any, Workspace()), cast(Any, None), stats, batch)
-    sockets = [Socket(dialog_id, batch) for dialog_id in range(1, 9)]
-    for sock in sockets:
-        router.dialogs[sock.dialog_id] = {cast(Any, sock)}
+    stats, consumer, sockets = wired(range(1, 9))
     for seq in range(1, 17):  # 128 messages queued at once: one batch
         for sock in sockets:
             consumer.put(message(sock.dialog_id, seq))
