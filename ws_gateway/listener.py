@@ -33,6 +33,10 @@ log = logging.getLogger("ws_gateway.listener")
 
 State = Literal["starting", "up", "down", "stopped"]
 
+#: After a failed probe, how long to wait for asyncpg to report the session's end (it reads
+#: the server's FATAL before the socket's close: a probe sent in between fails first).
+TERMINATION_GRACE = 0.1
+
 class Listener:
     def __init__(
         self,
@@ -171,7 +175,12 @@ class Listener:
             except Exception as exc:
                 # Not only OSError and asyncpg's errors: when the server ends the session in
                 # the middle of the probe, asyncpg may raise InternalClientError ("cannot
-                # switch to state 12"). In every case this connection is done.
+                # switch to state 12"). In every case this connection is done; when its end
+                # follows within TERMINATION_GRACE, that end is the reason.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), TERMINATION_GRACE)
+                if self._lost.is_set() or conn.is_closed():
+                    return "connection closed by the server"
                 return f"probe failed: {type(exc).__name__}: {exc}"
 
     async def _close_conn(self) -> None:
