@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from tornado.ioloop import IOLoop
 
@@ -23,7 +23,14 @@ from replyx_client import DialogClient
 from tests.fix_apps import Api, Sockets
 from tests.fix_db import Tenant
 from ws_gateway.app import Gateway
-from ws_gateway.events import KINDS, BadPayloadError, parse_event
+from ws_gateway.events import (
+    KINDS,
+    BadPayloadError,
+    DialogEvent,
+    PresenceEvent,
+    TeamEvent,
+    parse_event,
+)
 
 INSERT = "INSERT INTO messages (dialog_id, sender, text) VALUES (%s, 'system', %s)"
 NOTIFY = "SELECT pg_notify(%s, %s)"
@@ -44,6 +51,10 @@ def malformed(dialog_id: int) -> list[str]:
         '{"type":"message"}',
         '{"type":"delete","dialog_id":1}',
         '{"type":1,"dialog_id":1}',
+        '{"type":[],"dialog_id":1}',                  # unhashable where a name belongs
+        '{"type":{"message":1},"dialog_id":1}',
+        json.dumps({"type": "typing", "dialog_id": dialog_id, "sender": ["visitor"]}),
+        message(dialog_id, 2, sender={"visitor": 1}),
         json.dumps({"type": "typing", "dialog_id": dialog_id, "sender": "hacker"}),
         json.dumps({"type": "typing", "dialog_id": str(dialog_id), "sender": "visitor"}),
         json.dumps({"type": "typing", "dialog_id": dialog_id}),
@@ -186,17 +197,38 @@ JSON_VALUES = st.recursive(
 
 
 def near_events(dialog_ids: st.SearchStrategy[Any]) -> st.SearchStrategy[str]:
-    """Payloads shaped like our events, with any field missing or of any value."""
+    """Payloads shaped like our events, with any field missing or of any JSON value."""
     fields = {
-        "type": st.sampled_from(["message", "message_ref", "typing"]) | SCALARS,
-        "dialog_id": dialog_ids | SCALARS,
-        "seq": st.integers(min_value=-2, max_value=12) | SCALARS,
-        "id": st.integers(min_value=1, max_value=10**6) | SCALARS,
-        "sender": st.sampled_from(["visitor", "operator", "assistant", "system"]) | SCALARS,
-        "text": st.text(max_size=40) | SCALARS,
-        "created_at": st.just(CREATED) | SCALARS,
+        "type": st.sampled_from(["message", "message_ref", "typing"]) | JSON_VALUES,
+        "dialog_id": dialog_ids | JSON_VALUES,
+        "seq": st.integers(min_value=-2, max_value=12) | JSON_VALUES,
+        "id": st.integers(min_value=1, max_value=10**6) | JSON_VALUES,
+        "sender": st.sampled_from(["visitor", "operator", "assistant", "system"]) | JSON_VALUES,
+        "text": st.text(max_size=40) | JSON_VALUES,
+        "created_at": st.just(CREATED) | JSON_VALUES,
     }
     return st.fixed_dictionaries({}, optional=fields).map(json.dumps)
+
+
+def workspace_events() -> st.SearchStrategy[str]:
+    """The workspace's events (read, dialog, team, presence), any field missing or of any value.
+
+    Only for the parser: a well-formed one, sent for real, would close sockets or move presence.
+    """
+    count = st.integers(min_value=-1, max_value=12) | JSON_VALUES
+    fields = {
+        "dialog_id": st.integers(min_value=1, max_value=50) | JSON_VALUES,
+        "assistant_id": st.integers(min_value=1, max_value=50) | JSON_VALUES,
+        "user_id": st.integers(min_value=1, max_value=50) | JSON_VALUES,
+        "seq": count, "version": count, "last_seq": count, "operator_read_seq": count,
+        "visitor_read_seq": count, "unread": count, "activity": count,
+        "side": st.sampled_from(["operator", "visitor"]) | JSON_VALUES,
+        "last_message": st.none() | JSON_VALUES,
+        "operators": st.just([[1, 2]]) | JSON_VALUES,
+        "visitors": st.just([[1, True]]) | JSON_VALUES,
+    }
+    kinds = st.sampled_from(sorted(KINDS - {"message", "message_ref", "typing"}))
+    return st.fixed_dictionaries({"type": kinds}, optional=fields).map(json.dumps)
 
 
 def payloads(dialog_ids: st.SearchStrategy[Any]) -> st.SearchStrategy[str]:
@@ -208,19 +240,32 @@ def payloads(dialog_ids: st.SearchStrategy[Any]) -> st.SearchStrategy[str]:
     ).filter(lambda p: "\x00" not in p and len(p.encode()) < 7900)
 
 
-@settings(max_examples=400, deadline=None)
-@given(payloads(st.integers(min_value=1, max_value=50)))
+@settings(max_examples=600, deadline=None)
+@given(payloads(st.integers(min_value=1, max_value=50)) | workspace_events())
+@example('{"type":[],"dialog_id":1}')  # once a TypeError that stopped all delivery
 def test_the_parser_accepts_only_events_and_raises_only_bad_payload(payload: str) -> None:
     try:
         event = parse_event(payload)
     except BadPayloadError:
         return
+    sent = json.loads(payload)
     assert event.kind in KINDS
+    if isinstance(event, TeamEvent):
+        assert 0 < event.assistant_id <= MAX_ID and 0 < event.user_id <= MAX_ID
+        return
+    if isinstance(event, PresenceEvent):
+        assert 0 < event.version <= MAX_ID
+        return
     assert 0 < event.dialog_id <= MAX_ID
-    if event.kind == "typing":
+    if isinstance(event, DialogEvent):
+        assert 0 < event.assistant_id <= MAX_ID and min(event.version) >= 0
+    elif event.kind == "typing":
         assert json.loads(event.payload) == {
-            "type": "typing", "dialog_id": event.dialog_id,
-            "sender": json.loads(payload)["sender"]}
+            "type": "typing", "dialog_id": event.dialog_id, "sender": sent["sender"]}
+    elif event.kind == "read":
+        assert json.loads(event.payload) == {
+            "type": "read", "dialog_id": event.dialog_id, "side": sent["side"],
+            "seq": sent["seq"]}
     else:
         assert 0 < event.seq <= MAX_ID and 0 < event.message_id <= MAX_ID
     if event.kind == "message":

@@ -178,14 +178,16 @@ def parse_event(payload: str | bytes) -> Event | DialogEvent | TeamEvent | Prese
     if not isinstance(data, dict):
         raise BadPayloadError("not a JSON object")
     kind = data.get("type")
-    if kind not in KINDS:
+    # Names are checked as strings first: a JSON array or object is unhashable, and ``in`` a
+    # set would raise TypeError instead of BadPayloadError.
+    if not isinstance(kind, str) or kind not in KINDS:
         raise BadPayloadError("unknown type")
     if kind not in (FrameType.MESSAGE, FrameType.MESSAGE_REF, FrameType.TYPING):
         return _workspace_event(kind, data)
     dialog_id = _positive_id(data.get("dialog_id"), "dialog_id")
     if kind == "typing":
         sender = data.get("sender")
-        if sender not in SENDERS:
+        if not isinstance(sender, str) or sender not in SENDERS:
             raise BadPayloadError("unknown sender")
         # Re-encoded: only the three contract keys reach clients, whatever else was sent.
         frame = orjson.dumps({"type": "typing", "dialog_id": dialog_id, "sender": sender})
@@ -194,7 +196,9 @@ def parse_event(payload: str | bytes) -> Event | DialogEvent | TeamEvent | Prese
     message_id = _positive_id(data.get("id"), "id")
     if kind == "message_ref":
         return Event("message_ref", dialog_id, seq, message_id)
-    if data.get("sender") not in SENDERS or not isinstance(data.get("text"), str):
+    sender = data.get("sender")
+    text = data.get("text")
+    if not isinstance(sender, str) or sender not in SENDERS or not isinstance(text, str):
         raise BadPayloadError("message without a valid sender and text")
     created_at = data.get("created_at")
     if not isinstance(created_at, str):
