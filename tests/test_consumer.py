@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from tests.raw_socket import server_payloads
+from ws_gateway import consumer as consumer_module
 from ws_gateway.consumer import Consumer, WriteBatch
 from ws_gateway.metrics import Stats
 from ws_gateway.router import Router
@@ -258,3 +259,41 @@ async def test_a_burst_is_timed_by_sample_and_steady_traffic_in_full() -> None:
     assert (timed("notify"), timed("queue"), timed("parse"), timed("deliver")) == (73,) * 4
     assert sum(stats.lag.counts[""]) == 73
     assert stats.last_lag is not None
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_payload_the_parser_fails_on_is_dropped_and_delivery_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The consumer is the one task that delivers: a parser bug (anything but BadPayloadError,
+    as a TypeError once was for ``{"type":[]}``) costs that payload, logged with its
+    traceback, and never the messages behind it."""
+    parse = consumer_module.parse_event
+
+    def buggy(payload: str) -> Any:
+        if payload == "boom":
+            raise TypeError("a bug in the parser")
+        return parse(payload)
+
+    monkeypatch.setattr(consumer_module, "parse_event", buggy)
+    stats, consumer, sockets = wired(range(1, 2))
+    consumer.start()
+    try:
+        consumer.put("boom")
+        consumer.put(message(1, 1))
+        for _ in range(400):
+            if sockets[0].writer.seqs():
+                break
+            await asyncio.sleep(0.005)
+        consumer.put(message(1, 2))  # and the batch after it, too
+        for _ in range(400):
+            if len(sockets[0].writer.seqs()) == 2:
+                break
+            await asyncio.sleep(0.005)
+    finally:
+        await consumer.stop()
+    assert sockets[0].writer.seqs() == [1, 2]
+    assert stats.bad_notifications == 1
+    failed = [r for r in caplog.records if r.getMessage().startswith("dropped a notification")]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+    assert failed[0].getMessage() == "dropped a notification the parser failed on: 'boom'"

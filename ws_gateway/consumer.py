@@ -270,6 +270,12 @@ class Consumer:
             self.stats.bad_notifications += 1
             log.warning("dropped malformed notification (%s): %r", exc, payload[:120])
             return
+        except Exception:
+            # A parser bug, not a bad payload: this task is the only one that delivers, so
+            # it logs the traceback and goes on rather than end and silence every socket.
+            self.stats.bad_notifications += 1
+            log.exception("dropped a notification the parser failed on: %r", payload[:120])
+            return
         if isinstance(event, DialogEvent):
             self.workspace.route(event)
             return
