@@ -20,6 +20,7 @@ from typing import Any, cast
 import orjson
 import pytest
 
+from tests.net import eventually
 from tests.raw_socket import server_payloads
 from ws_gateway import consumer as consumer_module
 from ws_gateway.consumer import Consumer, WriteBatch
@@ -142,10 +143,8 @@ async def test_a_burst_over_many_dialogs_reaches_each_socket_in_few_sends_and_in
                 consumer.put(message(sock.dialog_id, seq))
             for _ in range(turns_between_reads):  # the listener's next read
                 await asyncio.sleep(0)
-        for _ in range(2000):
-            if all(len(s.writer.seqs()) == 20 for s in sockets):
-                break
-            await asyncio.sleep(0.005)
+        await eventually(lambda: all(len(s.writer.seqs()) == 20 for s in sockets),
+                         "20 frames at every socket", timeout=10)
     finally:
         await consumer.stop()
     for sock in sockets:
@@ -212,10 +211,7 @@ async def test_collections_are_off_while_a_batch_routes_and_on_while_a_message_r
         consumer.put(orjson.dumps({"type": "message_ref", "dialog_id": 7, "seq": 2,
                                    "id": 7002}).decode())
         consumer.put(message(7, 3))
-        for _ in range(400):
-            if sock.writer.seqs() == [1, 2, 3]:
-                break
-            await asyncio.sleep(0.005)
+        await eventually(lambda: sock.writer.seqs() == [1, 2, 3], "seqs 1-3", timeout=2)
     finally:
         await consumer.stop()
     assert sock.writer.seqs() == [1, 2, 3]
@@ -240,17 +236,13 @@ async def test_a_burst_is_timed_by_sample_and_steady_traffic_in_full() -> None:
 
     consumer.start()
     try:
-        for _ in range(400):
-            if all(len(s.writer.seqs()) == 16 for s in sockets):
-                break
-            await asyncio.sleep(0.005)
+        await eventually(lambda: all(len(s.writer.seqs()) == 16 for s in sockets),
+                         "the burst at every socket", timeout=2)
         burst = timed("notify"), timed("deliver"), sum(stats.lag.counts[""])
         for sock in sockets[:5]:  # then steady traffic: a batch of five
             consumer.put(message(sock.dialog_id, 17))
-        for _ in range(400):
-            if timed("deliver") == burst[1] + 5:
-                break
-            await asyncio.sleep(0.005)
+        await eventually(lambda: timed("deliver") == burst[1] + 5, "five more timed",
+                         timeout=2)
     finally:
         await consumer.stop()
     assert all(sock.writer.seqs() == list(range(1, 17)) for sock in sockets[5:])
@@ -281,15 +273,9 @@ async def test_a_payload_the_parser_fails_on_is_dropped_and_delivery_goes_on(
     try:
         consumer.put("boom")
         consumer.put(message(1, 1))
-        for _ in range(400):
-            if sockets[0].writer.seqs():
-                break
-            await asyncio.sleep(0.005)
+        await eventually(lambda: bool(sockets[0].writer.seqs()), "seq 1", timeout=2)
         consumer.put(message(1, 2))  # and the batch after it, too
-        for _ in range(400):
-            if len(sockets[0].writer.seqs()) == 2:
-                break
-            await asyncio.sleep(0.005)
+        await eventually(lambda: len(sockets[0].writer.seqs()) == 2, "seq 2", timeout=2)
     finally:
         await consumer.stop()
     assert sockets[0].writer.seqs() == [1, 2]
