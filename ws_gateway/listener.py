@@ -37,6 +37,7 @@ State = Literal["starting", "up", "down", "stopped"]
 #: the server's FATAL before the socket's close: a probe sent in between fails first).
 TERMINATION_GRACE = 0.1
 
+
 class Listener:
     def __init__(
         self,
